@@ -1,0 +1,101 @@
+"""The aggregator role: wait for a round's updates in a store, validate, aggregate, publish.
+
+Works with any `RoundStore`. A round is published once its quorum of clients submitted, or at the
+deadline with whatever valid updates arrived (at least `min_clients`). A refused update is
+reported in the round's metadata with its reason; the others are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Optional
+
+from peft_federated.config import FederatedLoraConfig
+from peft_federated.hub_integration.store import RoundAlreadyPublishedError, RoundStore
+from peft_federated.strategies import InvalidUpdateError, get_strategy
+
+logger = logging.getLogger(__name__)
+
+
+def aggregate_round(
+    store: RoundStore, config: FederatedLoraConfig, clients: Optional[list[str]] = None
+) -> Optional[int]:
+    """Aggregate the updates submitted for the round after the latest published one and publish it.
+
+    `clients`: the registered clients (others' updates are refused); None accepts any client.
+    Returns the published round, or None when no valid update was there.
+    """
+    strategy = get_strategy(config)
+    state, _ = store.read_round()
+    aggregator = strategy.aggregator(state)
+    contributions, refused = [], []
+    for client_id in store.list_updates(state.round):
+        if clients is not None and client_id not in clients:
+            refused.append({"client_id": client_id, "reason": "not a registered client of this federation"})
+            continue
+        try:
+            tensors, meta = store.read_update(state.round, client_id)
+            if meta.get("base_round") != state.round:
+                raise InvalidUpdateError(client_id, state.round, f"it was trained from round {meta.get('base_round')}")
+            aggregator.accept(tensors, meta.get("num_samples"), client_id)
+        except (InvalidUpdateError, ValueError) as err:
+            refused.append({"client_id": client_id, "reason": str(err)})
+            logger.warning("%s", err)
+            continue
+        contributions.append({k: meta.get(k) for k in ("client_id", "num_samples", "sha256", "metrics")})
+    if not contributions:
+        return None
+    new = aggregator.result()
+    metrics = _mean_metrics([c.get("metrics") or {} for c in contributions])
+    try:
+        store.publish_round(new, config, {"contributions": contributions, "refused": refused, "metrics": metrics})
+    except RoundAlreadyPublishedError:
+        logger.info("round %d was published by another aggregator", new.round)
+    return new.round
+
+
+def serve(
+    store: RoundStore,
+    config: FederatedLoraConfig,
+    clients: Optional[list[str]] = None,
+    quorum: Optional[int] = None,
+    deadline: float = 600.0,
+    min_clients: int = 1,
+    poll_interval: float = 1.0,
+) -> None:
+    """Aggregate every round until `config.num_rounds` are published.
+
+    A round is aggregated as soon as `quorum` updates (default: all registered clients, else 1)
+    are in, or after `deadline` seconds with at least `min_clients`.
+    """
+    quorum = quorum or (len(clients) if clients else 1)
+    while (store.latest_round() or 0) < config.num_rounds:
+        round = store.latest_round() or 0
+        started = time.monotonic()
+        while True:
+            submitted = [c for c in store.list_updates(round) if clients is None or c in clients]
+            waited = time.monotonic() - started
+            if len(submitted) >= quorum or (waited >= deadline and len(submitted) >= min_clients):
+                break
+            time.sleep(poll_interval)
+        if aggregate_round(store, config, clients) is None:
+            time.sleep(poll_interval)
+
+
+def _mean_metrics(metrics: list[dict]) -> dict[str, float]:
+    keys = {k for m in metrics for k, v in m.items() if isinstance(v, (int, float))}
+    return {f"clients_mean_{k}": sum(m[k] for m in metrics if k in m) / sum(k in m for m in metrics) for k in sorted(keys)}
+
+
+def initialize(store: RoundStore, config: FederatedLoraConfig, model) -> int:
+    """Publish round 0 (the initial global adapter, derived from `init_seed`) unless the store has rounds."""
+    latest = store.latest_round()
+    if latest is not None:
+        return latest
+    state = get_strategy(config).initial_state(model)
+    try:
+        store.publish_round(state, config, {"contributions": [], "metrics": {}})
+    except RoundAlreadyPublishedError:
+        pass
+    return 0

@@ -1,0 +1,174 @@
+"""`FederatedLoraConfig`: a peft `LoraConfig` plus the federation's settings.
+
+The federation fields live beside the ordinary LoRA fields so one object describes a whole run, but
+what gets published with each round is `to_lora_config()`: a plain `LoraConfig` that PEFT loads with
+no unknown keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Union
+
+from peft import LoraConfig
+
+WEIGHTINGS = ("samples", "uniform")
+
+
+@dataclass
+class FederatedLoraConfig(LoraConfig):
+    """LoRA settings plus how the federation runs: strategy, rounds, sampling and each method's knobs."""
+
+    strategy: str = field(
+        default="rolora",
+        metadata={"help": "Aggregation strategy by name: fedit, ffa, rolora, hetlora, lora_fair, flora or fedex."},
+    )
+    num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
+    clients_per_round: Union[int, float] = field(
+        default=1.0,
+        metadata={
+            "help": "Clients sampled each round: an int >= 1 is a count, a float in (0, 1] a fraction of all "
+            "clients (1.0 = every client)."
+        },
+    )
+    local_steps: Optional[int] = field(
+        default=10,
+        metadata={"help": "Optimizer steps each client takes per round (set to None to use local_epochs)."},
+    )
+    local_epochs: Optional[float] = field(
+        default=None, metadata={"help": "Passes over its data each client makes per round (instead of local_steps)."}
+    )
+    schedule_across_rounds: bool = field(
+        default=True,
+        metadata={
+            "help": "The learning-rate schedule spans all rounds (warmup once, decay to the last round); False "
+            "restarts it every round."
+        },
+    )
+    weighting: str = field(
+        default="samples",
+        metadata={"help": "Aggregation weight of a client: 'samples' (its number of training examples) or 'uniform'."},
+    )
+    init_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed every party derives the initial lora_A from (FFA-LoRA's shared frozen A), and FLoRA's "
+            "fresh per-round A."
+        },
+    )
+    client_ranks: Optional[dict[str, int]] = field(
+        default=None,
+        metadata={
+            "help": "HetLoRA and FLoRA: LoRA rank of each client id, each <= r (clients not listed train at rank r)."
+        },
+    )
+    hetlora_gamma: float = field(
+        default=0.99,
+        metadata={"help": "HetLoRA rank self-pruning factor: a client may drop to floor(gamma * rank) each round."},
+    )
+    hetlora_min_rank: int = field(default=1, metadata={"help": "HetLoRA: a client's rank never drops below this."})
+    hetlora_reg: float = field(
+        default=0.01,
+        metadata={"help": "HetLoRA: weight of the regulariser ||A_tail|| * ||B_tail|| on the ranks self-pruning may drop."},
+    )
+    lora_fair_lambda: float = field(
+        default=0.01, metadata={"help": "LoRA-FAIR: weight of ||dB|| in the server-side correction objective."}
+    )
+    lora_fair_steps: int = field(
+        default=200, metadata={"help": "LoRA-FAIR: optimizer steps of the server-side correction (from dB = 0)."}
+    )
+    lora_fair_lr: float = field(default=1e-3, metadata={"help": "LoRA-FAIR: learning rate of the server's Adam solver."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from peft_federated.strategies import STRATEGIES  # late: strategies import this module
+
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"Unknown strategy {self.strategy!r}; choose one of: {', '.join(sorted(STRATEGIES))}.")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r (the LoRA rank) must be a positive integer, got {self.r!r}.")
+        if self.rank_pattern or self.alpha_pattern:
+            raise ValueError(
+                "rank_pattern/alpha_pattern are not supported: federated strategies need one rank and scale for "
+                "every module. Use client_ranks for per-client ranks (hetlora, flora)."
+            )
+        if self.use_dora:
+            raise ValueError("use_dora is not supported by the federated strategies; set use_dora=False.")
+        _positive_int("num_rounds", self.num_rounds)
+        if isinstance(self.clients_per_round, bool) or not isinstance(self.clients_per_round, (int, float)):
+            raise ValueError(f"clients_per_round must be an int count or a float fraction, got {self.clients_per_round!r}.")
+        if isinstance(self.clients_per_round, int):
+            _positive_int("clients_per_round", self.clients_per_round)
+        elif not 0.0 < self.clients_per_round <= 1.0:
+            raise ValueError(
+                f"clients_per_round={self.clients_per_round} as a float is a fraction and must be in (0, 1]; "
+                "pass an int for a count of clients."
+            )
+        if (self.local_steps is None) == (self.local_epochs is None):
+            raise ValueError("Set exactly one of local_steps and local_epochs (the other to None).")
+        if self.local_steps is not None:
+            _positive_int("local_steps", self.local_steps)
+        if self.local_epochs is not None and not self.local_epochs > 0:
+            raise ValueError(f"local_epochs must be > 0, got {self.local_epochs}.")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}.")
+        for client, rank in (self.client_ranks or {}).items():
+            if not isinstance(rank, int) or not 1 <= rank <= self.r:
+                raise ValueError(
+                    f"client_ranks[{client!r}] = {rank!r} must be an integer in [1, r={self.r}]: the global adapter "
+                    "has rank r and each client trains a truncation of it. Raise r or lower the client's rank."
+                )
+        if not 0.0 < self.hetlora_gamma <= 1.0:
+            raise ValueError(f"hetlora_gamma must be in (0, 1], got {self.hetlora_gamma}.")
+        if not 1 <= self.hetlora_min_rank <= self.r:
+            raise ValueError(f"hetlora_min_rank must be in [1, r={self.r}], got {self.hetlora_min_rank}.")
+        for name in ("hetlora_reg", "lora_fair_lambda"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
+        _positive_int("lora_fair_steps", self.lora_fair_steps)
+        if not self.lora_fair_lr > 0:
+            raise ValueError(f"lora_fair_lr must be > 0, got {self.lora_fair_lr}.")
+
+    @property
+    def scaling(self) -> float:
+        """The LoRA scale s of every module: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+        return lora_scale(self.lora_alpha, self.r, self.use_rslora)
+
+    def client_rank(self, client_id: str) -> int:
+        """The rank a client starts the federation with."""
+        return (self.client_ranks or {}).get(client_id, self.r)
+
+    def num_sampled(self, num_clients: int) -> int:
+        """How many of `num_clients` clients take part in a round."""
+        if isinstance(self.clients_per_round, int):
+            return min(self.clients_per_round, num_clients)
+        return max(1, round(self.clients_per_round * num_clients))
+
+    def to_lora_config(self, **overrides) -> LoraConfig:
+        """The plain `LoraConfig` of this federation (what is published next to each round's adapter)."""
+        names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+        kwargs = {n: getattr(self, n) for n in names}
+        kwargs.update(overrides)
+        return LoraConfig(**kwargs)
+
+    def federation_dict(self) -> dict:
+        """The federation-only fields, for the round metadata."""
+        lora_names = {f.name for f in dataclasses.fields(LoraConfig)}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in lora_names}
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scale for a LoRA module of this rank."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def alpha_for_scale(scale: float, rank: int, use_rslora: bool) -> float:
+    """The lora_alpha that gives `scale` at `rank` (inverse of `lora_scale`)."""
+    return scale * math.sqrt(rank) if use_rslora else scale * rank
+
+
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")

@@ -1,0 +1,184 @@
+"""Where rounds live. `RoundStore` is the interface; `LocalStore` is the embedded default.
+
+A local store mirrors the Hub layout on disk:
+
+    <root>/rounds/round-NNNN/    one published round (a Hub tag): a plain PEFT adapter folder
+    <root>/LATEST                the latest round's number (the Hub's `main`)
+    <root>/updates/<client>/round-NNNN/update.safetensors + update.json   a client's submission
+
+A round is written to a temporary folder and renamed into place, so it is never seen half-written
+and can be published only once; an update is written the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+from safetensors.torch import save as save_bytes
+from torch import Tensor
+
+from peft_federated.hub_integration.layout import load_safetensors, read_round, write_round
+from peft_federated.hub_integration.model_card import write_model_card
+from peft_federated.state import GlobalState
+
+if TYPE_CHECKING:
+    from peft_federated.config import FederatedLoraConfig
+
+_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+class RoundAlreadyPublishedError(RuntimeError):
+    """Another aggregator published this round first; re-read the store instead of publishing again."""
+
+
+def check_client_id(client_id: str) -> str:
+    """A client id is a plain name: letters, digits, '.', '_' and '-', no path characters."""
+    if not isinstance(client_id, str) or not _CLIENT_ID.match(client_id) or ".." in client_id:
+        raise ValueError(
+            f"Invalid client id {client_id!r}: use 1-96 letters, digits, '.', '_' or '-', starting with a "
+            "letter or digit (no '/', '\\' or '..')."
+        )
+    return client_id
+
+
+def serialize_update(tensors: dict[str, Tensor]) -> bytes:
+    """An update as the safetensors bytes a client uploads (what its sha256 is taken over)."""
+    return save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
+
+
+def update_sha256(tensors: dict[str, Tensor]) -> str:
+    return hashlib.sha256(serialize_update(tensors)).hexdigest()
+
+
+def round_name(round: int) -> str:
+    return f"round-{round:04d}"
+
+
+class RoundStore(ABC):
+    """Published global rounds and the clients' submitted updates."""
+
+    @abstractmethod
+    def latest_round(self) -> Optional[int]:
+        """The number of the latest published round, or None before the first."""
+
+    @abstractmethod
+    def read_round(self, round: Optional[int] = None) -> tuple[GlobalState, dict[str, Any]]:
+        """A published round's state and metadata (the latest by default)."""
+
+    @abstractmethod
+    def history(self) -> list[dict[str, Any]]:
+        """The metadata (federation.json) of every published round, oldest first."""
+
+    @abstractmethod
+    def publish_round(self, state: GlobalState, config: "FederatedLoraConfig", metadata: dict[str, Any]) -> str:
+        """Publish `state` as round `state.round`; raise RoundAlreadyPublishedError if it exists."""
+
+    @abstractmethod
+    def submit_update(self, round: int, client_id: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
+        """Store a client's update for `round`; returns its sha256."""
+
+    @abstractmethod
+    def list_updates(self, round: int) -> list[str]:
+        """Ids of the clients that submitted an update for `round`."""
+
+    @abstractmethod
+    def read_update(self, round: int, client_id: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """A submitted update's tensors and metadata (which includes its sha256)."""
+
+
+class LocalStore(RoundStore):
+    """Rounds and updates in a local folder, with the Hub's layout (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        (self.root / "rounds").mkdir(parents=True, exist_ok=True)
+        (self.root / "updates").mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def round_path(self, round: int) -> Path:
+        return self.root / "rounds" / round_name(round)
+
+    def latest_round(self) -> Optional[int]:
+        try:
+            return int((self.root / "LATEST").read_text().strip())
+        except FileNotFoundError:
+            return None
+
+    def read_round(self, round: Optional[int] = None) -> tuple[GlobalState, dict[str, Any]]:
+        if round is None:
+            round = self.latest_round()
+            if round is None:
+                raise FileNotFoundError(f"{self.root} holds no published round yet; publish round 0 first.")
+        path = self.round_path(round)
+        if not path.is_dir():
+            raise FileNotFoundError(f"Round {round} is not published in {self.root} (latest: {self.latest_round()}).")
+        return read_round(path)
+
+    def history(self) -> list[dict[str, Any]]:
+        latest = self.latest_round()
+        return [] if latest is None else [json.loads((self.round_path(r) / "federation.json").read_text()) for r in range(latest + 1)]
+
+    def publish_round(self, state: GlobalState, config: "FederatedLoraConfig", metadata: dict[str, Any]) -> str:
+        target = self.round_path(state.round)
+        if target.exists():
+            raise RoundAlreadyPublishedError(f"Round {state.round} is already published at {target}.")
+        latest = self.latest_round()
+        expected = 0 if latest is None else latest + 1
+        if state.round != expected:
+            raise ValueError(f"Cannot publish round {state.round}: the next round in {self.root} is {expected}.")
+        tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.root))
+        try:
+            write_round(tmp, state, config, metadata)
+            write_model_card(tmp, config, self.history() + [json.loads((tmp / "federation.json").read_text())])
+            os.rename(tmp, target)  # atomic; fails if another aggregator renamed first
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if target.exists():
+                raise RoundAlreadyPublishedError(f"Round {state.round} was published concurrently at {target}.") from err
+            raise
+        _atomic_write(self.root / "LATEST", str(state.round))
+        return str(target)
+
+    def _update_dir(self, round: int, client_id: str) -> Path:
+        return self.root / "updates" / check_client_id(client_id) / round_name(round)
+
+    def submit_update(self, round: int, client_id: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
+        target = self._update_dir(round, client_id)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".submit-", dir=target.parent))
+        data = serialize_update(tensors)
+        (tmp / "update.safetensors").write_bytes(data)
+        digest = hashlib.sha256(data).hexdigest()
+        (tmp / "update.json").write_text(json.dumps({**meta, "round": round, "client_id": client_id, "sha256": digest}, indent=2))
+        if target.exists():  # a resubmission replaces the earlier one for this round
+            shutil.rmtree(target)
+        os.rename(tmp, target)
+        return digest
+
+    def list_updates(self, round: int) -> list[str]:
+        updates = self.root / "updates"
+        return sorted(p.name for p in updates.iterdir() if (p / round_name(round) / "update.json").is_file())
+
+    def read_update(self, round: int, client_id: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        folder = self._update_dir(round, client_id)
+        meta = json.loads((folder / "update.json").read_text())
+        data = (folder / "update.safetensors").read_bytes()
+        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+            raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256.")
+        return load_safetensors(folder / "update.safetensors"), meta
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

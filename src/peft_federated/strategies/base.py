@@ -1,0 +1,297 @@
+"""What every strategy shares: the client-side round on a PeftModel and the streaming server side.
+
+A `Strategy` is one algorithm, both sides. Subclasses override small hooks:
+- client side: `trainable_factors` (which of lora_A / lora_B train this round), `client_rank`,
+  `client_start` (the tensors a client starts from), `regularizer`, `upload_rank`;
+- server side: `module_aggregator_cls` (how one module's factors merge) and `next_strategy_state`.
+Sample-count vs uniform weighting and update validation live here once, for every strategy.
+
+The server side streams, like NVIDIA FLARE's `accept_model`: `Aggregator.accept(update, ...)` folds
+one client's update into running sums and `result()` gives the next `GlobalState`, so server memory
+does not grow with the number of clients.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar, Optional
+
+import torch
+from torch import Tensor
+
+from peft_federated import adapter
+from peft_federated.state import GlobalState, LowRank, lora_key, lora_modules
+from peft_federated.strategies.validation import check_update
+
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+    from peft_federated.config import FederatedLoraConfig
+
+BOTH = ("lora_A", "lora_B")
+STRATEGIES: dict[str, type["Strategy"]] = {}
+
+
+def register(cls: type["Strategy"]) -> type["Strategy"]:
+    """Class decorator: make a strategy available by its lowercase `name`."""
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(config: "FederatedLoraConfig") -> "Strategy":
+    """The strategy object the config names."""
+    return STRATEGIES[config.strategy](config)
+
+
+class WeightedMean:
+    """Running sum_k w_k x_k / sum_k w_k, accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.sum: Optional[Tensor] = None
+        self.total = 0.0
+
+    def add(self, x: Tensor, weight: float) -> None:
+        term = x.double() * weight
+        self.sum = term if self.sum is None else self.sum + term
+        self.total += weight
+
+    def value(self, dtype: torch.dtype) -> Tensor:
+        if self.sum is None:
+            raise ValueError("No update was accepted.")
+        if self.total == 0:  # every weight was zero (e.g. HetLoRA norms of all-zero updates)
+            raise ZeroDivisionError("All aggregation weights are zero.")
+        return (self.sum / self.total).to(dtype)
+
+
+class ModuleAggregator(ABC):
+    """Streaming aggregation of one LoRA module: accept factors one client at a time, then a result."""
+
+    def __init__(self, strategy: "Strategy", state: GlobalState, module: str) -> None:
+        self.strategy, self.module = strategy, module
+        self.A0, self.B0 = state.factor(module, "lora_A"), state.factor(module, "lora_B")
+
+    @abstractmethod
+    def accept(self, A: Optional[Tensor], B: Optional[Tensor], weight: float) -> None:
+        """Fold in one client's factors (None for a factor the client did not upload)."""
+
+    @abstractmethod
+    def result(self) -> tuple[Tensor, Tensor, Optional[LowRank]]:
+        """The next global (A, B), and this round's change of the frozen base as U @ V (scaled by s), or None."""
+
+
+class FedAvgModule(ModuleAggregator):
+    """Weighted average of each uploaded factor; a factor nobody uploaded (frozen) keeps its global value."""
+
+    def __init__(self, strategy: "Strategy", state: GlobalState, module: str) -> None:
+        super().__init__(strategy, state, module)
+        self.mean_A, self.mean_B = WeightedMean(), WeightedMean()
+
+    def accept(self, A: Optional[Tensor], B: Optional[Tensor], weight: float) -> None:
+        if A is not None:
+            self.mean_A.add(A, weight)
+        if B is not None:
+            self.mean_B.add(B, weight)
+
+    def averaged(self) -> tuple[Tensor, Tensor]:
+        A = self.mean_A.value(self.A0.dtype) if self.mean_A.sum is not None else self.A0
+        B = self.mean_B.value(self.B0.dtype) if self.mean_B.sum is not None else self.B0
+        return A, B
+
+    def result(self) -> tuple[Tensor, Tensor, Optional[LowRank]]:
+        return (*self.averaged(), None)
+
+
+class Aggregator:
+    """One round on the server: validate and fold in updates one at a time, then the next global state."""
+
+    def __init__(self, strategy: "Strategy", state: GlobalState) -> None:
+        self.strategy, self.state = strategy, state
+        self.modules = {m: strategy.module_aggregator_cls(strategy, state, m) for m in state.modules()}
+        self.extras = {k: WeightedMean() for k in state.extra_keys()}
+        self.clients: dict[str, dict] = {}
+
+    def accept(self, update: dict[str, Tensor], num_samples: int, client_id: str) -> None:
+        """Validate one client's update and fold it in. A rejected update changes nothing."""
+        if client_id in self.clients:
+            raise ValueError(f"Client {client_id!r} already contributed to round {self.state.round}; an update counts once.")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"Client {client_id!r}: num_samples must be a positive integer, got {num_samples!r}.")
+        s = self.strategy
+        rank = check_update(
+            update,
+            self.state,
+            trainable=s.trainable_factors(self.state.round),
+            ranks=s.allowed_ranks(self.state, client_id),
+            client_id=client_id,
+        )
+        weight = s.weight(num_samples)
+        for module, agg in self.modules.items():
+            agg.accept(update.get(lora_key(module, "lora_A")), update.get(lora_key(module, "lora_B")), weight)
+        for key, mean in self.extras.items():
+            mean.add(update[key], weight)
+        self.clients[client_id] = {"num_samples": num_samples, "weight": weight, "rank": rank}
+
+    def result(self) -> GlobalState:
+        """The next global state: round + 1, aggregated factors, the base change folded into base_delta."""
+        if not self.clients:
+            raise ValueError(f"Round {self.state.round}: no client update was accepted; nothing to aggregate.")
+        tensors, base_delta = dict(self.state.tensors), dict(self.state.base_delta)
+        for module, agg in self.modules.items():
+            A, B, delta = agg.result()
+            tensors[lora_key(module, "lora_A")], tensors[lora_key(module, "lora_B")] = A, B
+            if delta is not None:
+                previous = base_delta.get(module)
+                merged = previous.concat(delta) if previous is not None else delta
+                base_delta[module] = merged.compressed().to(A.dtype)
+        for key, mean in self.extras.items():
+            tensors[key] = mean.value(self.state.tensors[key].dtype)
+        return GlobalState(
+            round=self.state.round + 1,
+            tensors=tensors,
+            base_delta=base_delta,
+            strategy_state=self.strategy.next_strategy_state(self.state, self.clients),
+        )
+
+
+@dataclass
+class ClientRound:
+    """One client's local round on a PeftModel, set up by a strategy: train, then take `payload()`."""
+
+    strategy: "Strategy"
+    model: "PeftModel"
+    state: GlobalState
+    client_id: str
+    rank: int
+    trainable: tuple[str, ...]
+    hooks: list = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def round(self) -> int:
+        return self.state.round
+
+    def regularizer(self) -> Optional[Tensor]:
+        """A term the strategy adds to the training loss (HetLoRA), or None."""
+        return self.strategy.regularizer(self)
+
+    def payload(self) -> dict[str, Tensor]:
+        """Exactly the tensors this client uploads: the trained factors at its rank, and extra tensors."""
+        self.close()
+        tensors = adapter.read_tensors(self.model)
+        rank = self.strategy.upload_rank(self)
+        out = {}
+        for key in self.state.extra_keys():
+            out[key] = tensors[key]
+        for module in lora_modules(tensors):
+            if "lora_A" in self.trainable:
+                out[lora_key(module, "lora_A")] = tensors[lora_key(module, "lora_A")][:rank].contiguous()
+            if "lora_B" in self.trainable:
+                out[lora_key(module, "lora_B")] = tensors[lora_key(module, "lora_B")][:, :rank].contiguous()
+        return out
+
+    def close(self) -> None:
+        for handle in self.hooks:
+            handle.remove()
+        self.hooks.clear()
+
+
+class Strategy:
+    """One federated LoRA algorithm, client and server side. Subclasses set `name` and override hooks."""
+
+    name: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    exact: ClassVar[bool] = False
+    module_aggregator_cls: ClassVar[type[ModuleAggregator]] = FedAvgModule
+
+    def __init__(self, config: "FederatedLoraConfig") -> None:
+        self.config = config
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(r={self.config.r}, lora_alpha={self.config.lora_alpha})"
+
+    # ---- shared -------------------------------------------------------------------------------
+    def initial_state(self, model: "PeftModel") -> GlobalState:
+        """Round 0: lora_A drawn from `init_seed` (the same on every party), lora_B = 0, the model's extras."""
+        tensors = adapter.read_tensors(model)
+        for module in lora_modules(tensors):
+            a, b = lora_key(module, "lora_A"), lora_key(module, "lora_B")
+            tensors[a] = adapter.init_lora_A(tuple(tensors[a].shape), self.config.init_seed, module, dtype=tensors[a].dtype)
+            tensors[b] = torch.zeros_like(tensors[b])
+        return GlobalState(round=0, tensors=tensors, strategy_state=self.initial_strategy_state())
+
+    def initial_strategy_state(self) -> dict:
+        return {}
+
+    def weight(self, num_samples: int) -> float:
+        """A client's aggregation weight before normalisation: its sample count, or 1 when uniform."""
+        return float(num_samples) if self.config.weighting == "samples" else 1.0
+
+    # ---- client side --------------------------------------------------------------------------
+    def trainable_factors(self, round: int) -> tuple[str, ...]:
+        """Which LoRA factors clients train (and upload) in this round."""
+        return BOTH
+
+    def client_rank(self, state: GlobalState, client_id: str) -> int:
+        """The rank a client trains at this round."""
+        return self.config.r
+
+    def allowed_ranks(self, state: GlobalState, client_id: str) -> range:
+        """Ranks the server accepts in this client's update."""
+        rank = self.client_rank(state, client_id)
+        return range(rank, rank + 1)
+
+    def client_start(self, state: GlobalState, client_id: str, rank: int) -> dict[str, Tensor]:
+        """The tensors a client starts its round from: the global factors truncated to its rank."""
+        out = dict(state.tensors)
+        for module in state.modules():
+            a, b = lora_key(module, "lora_A"), lora_key(module, "lora_B")
+            out[a], out[b] = out[a][:rank], out[b][:, :rank]
+        return out
+
+    def prepare_client(self, model: "PeftModel", state: GlobalState, client_id: str) -> ClientRound:
+        """Load the global state into `model` for this client's round: base change, start tensors,
+        which factors train, and (below the model's rank) gradient masks on the unused ranks."""
+        model_rank = adapter.model_rank(model)
+        if model_rank != self.config.r:
+            raise ValueError(f"The model's LoRA rank is {model_rank} but the federation's r is {self.config.r}.")
+        if abs(adapter.model_scale(model) - self.config.scaling) > 1e-12 * self.config.scaling:
+            raise ValueError(
+                f"The model's LoRA scale {adapter.model_scale(model)} differs from the federation's "
+                f"{self.config.scaling}: build the model with the federation's config.to_lora_config()."
+            )
+        rank = self.client_rank(state, client_id)
+        adapter.set_base_delta(model, state.base_delta, self.config.scaling)
+        adapter.write_tensors(model, self.client_start(state, client_id, rank))
+        trainable = self.trainable_factors(state.round)
+        adapter.set_factor_trainable(model, trainable)
+        hooks = adapter.mask_rank(model, rank) if rank < model_rank else []
+        client_round = ClientRound(self, model, state, client_id, rank, trainable, hooks)
+        self.on_client_start(client_round)
+        return client_round
+
+    def on_client_start(self, client_round: ClientRound) -> None:
+        """Record what the strategy needs at the end of the round (HetLoRA's tail norm)."""
+
+    def regularizer(self, client_round: ClientRound) -> Optional[Tensor]:
+        return None
+
+    def upload_rank(self, client_round: ClientRound) -> int:
+        """The rank of the uploaded factors (HetLoRA may prune it)."""
+        return client_round.rank
+
+    # ---- server side --------------------------------------------------------------------------
+    def aggregator(self, state: GlobalState) -> Aggregator:
+        """A fresh streaming aggregator for the round `state.round`."""
+        return Aggregator(self, state)
+
+    def aggregate(self, state: GlobalState, updates: list[tuple[str, dict[str, Tensor], int]]) -> GlobalState:
+        """Convenience: aggregate (client_id, update, num_samples) triples in one call."""
+        agg = self.aggregator(state)
+        for client_id, update, num_samples in updates:
+            agg.accept(update, num_samples, client_id)
+        return agg.result()
+
+    def next_strategy_state(self, state: GlobalState, clients: dict[str, dict]) -> dict:
+        """The strategy state after a round, given what each accepted client reported."""
+        return dict(state.strategy_state)

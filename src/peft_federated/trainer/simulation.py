@@ -1,0 +1,158 @@
+"""In-process simulation: K clients, one base model in memory, adapters swapped between clients.
+
+Each round samples clients (seeded by round, so a resumed run samples the same ones), trains each
+through the real `FederatedTrainer` loop, aggregates as updates arrive, evaluates the global model
+on a held-out set and publishes the round to the store. A run killed mid-round resumes from the
+last published round and ends with the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from tqdm.auto import tqdm
+from transformers import PrinterCallback, TrainingArguments
+
+from peft_federated.config import FederatedLoraConfig
+from peft_federated.hub_integration.store import LocalStore, RoundStore, update_sha256
+from peft_federated.state import GlobalState
+from peft_federated.trainer.trainer import FederatedTrainer
+
+
+def sample_clients(client_ids: list[str], count: int, seed: int, round: int) -> list[str]:
+    """The clients of a round: a seeded sample that depends only on (seed, round)."""
+    rng = random.Random(f"{seed}/{round}")
+    return sorted(rng.sample(sorted(client_ids), count))
+
+
+@dataclass
+class SimulationResult:
+    history: list[dict[str, Any]]
+    store: RoundStore
+    results_json: Optional[Path] = None
+    plot: Optional[Path] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        return self.history[-1].get("metrics", {})
+
+
+def run_simulation(
+    model,
+    config: FederatedLoraConfig,
+    client_datasets: dict[str, Any],
+    args: TrainingArguments,
+    store: RoundStore | str,
+    eval_dataset=None,
+    compute_metrics: Optional[Callable] = None,
+    data_collator=None,
+    processing_class=None,
+    trainer_cls: type = FederatedTrainer,
+    seed: int = 0,
+    progress: bool = True,
+    output_dir: Optional[str | Path] = None,
+    stop_after_clients: Optional[int] = None,
+) -> SimulationResult:
+    """Run (or resume) a federation of `client_datasets` on `model` (a PeftModel built from `config`).
+
+    Writes `results.json` and `metrics.png` to `output_dir` (default: the store's folder).
+    `stop_after_clients` stops abruptly after that many client trainings (to test resuming).
+    """
+    store = LocalStore(store) if isinstance(store, (str, Path)) else store
+    ids = sorted(client_datasets)
+    trainer = trainer_cls(
+        model=model,
+        args=args,
+        train_dataset=client_datasets[ids[0]],
+        eval_dataset=eval_dataset,
+        compute_metrics=compute_metrics,
+        data_collator=data_collator,
+        processing_class=processing_class,
+        federated_config=config,
+        client_id=ids[0],
+    )
+    strategy = trainer.strategy
+    trainer.remove_callback(PrinterCallback)  # the round/client progress bar reports instead
+
+    def evaluate(state: GlobalState) -> dict[str, float]:
+        if eval_dataset is None:
+            return {}
+        strategy.prepare_client(model, state, "global").close()  # load the global model
+        metrics = trainer.evaluate()
+        return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    if store.latest_round() is None:
+        state = strategy.initial_state(model)
+        store.publish_round(state, config, {"metrics": evaluate(state), "contributions": []})
+    state, _ = store.read_round()
+    per_round = config.num_sampled(len(ids))
+    todo = config.num_rounds - state.round
+    bar = tqdm(total=todo * per_round, desc=f"{config.strategy} rounds", disable=not progress or todo <= 0)
+    trained = 0
+    for rnd in range(state.round, config.num_rounds):
+        aggregator = strategy.aggregator(state)
+        contributions = []
+        for client_id in sample_clients(ids, per_round, seed, rnd):
+            if stop_after_clients is not None and trained >= stop_after_clients:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped after {trained} client trainings (stop_after_clients)")
+            trainer.client_id, trainer.train_dataset = client_id, client_datasets[client_id]
+            payload, num_samples, metrics = trainer.train_round(state)
+            aggregator.accept(payload, num_samples, client_id)
+            contributions.append(
+                {"client_id": client_id, "num_samples": num_samples, "sha256": update_sha256(payload), "metrics": metrics}
+            )
+            trained += 1
+            bar.update(1)
+            bar.set_postfix(round=rnd, client=client_id, loss=f"{metrics.get('train_loss', float('nan')):.3f}")
+        state = aggregator.result()
+        metrics = evaluate(state)
+        store.publish_round(state, config, {"metrics": metrics, "contributions": contributions})
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
+        bar.write(f"round {state.round}/{config.num_rounds}: {shown}")
+    bar.close()
+    history = store.history()
+    out = Path(output_dir) if output_dir is not None else getattr(store, "root", Path("."))
+    result = SimulationResult(history=history, store=store)
+    result.results_json = write_results(out, config, history)
+    result.plot = plot_history(out / "metrics.png", history, title=f"{config.strategy}: global model per round")
+    return result
+
+
+def write_results(folder: Path, config: FederatedLoraConfig, history: list[dict[str, Any]]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "results.json"
+    path.write_text(json.dumps({"config": config.federation_dict(), "rounds": history}, indent=2, default=str))
+    return path
+
+
+def plot_history(path: Path, history: list[dict[str, Any]], title: str, metric_prefix: str = "eval_") -> Optional[Path]:
+    """A PNG of each evaluation metric per round (accuracy-like metrics; loss on its own axis)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = sorted({k for h in history for k in h.get("metrics", {}) if k.startswith(metric_prefix)
+                    and not any(s in k for s in ("runtime", "per_second", "loss"))})
+    if not names:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in names:
+        points = [(h["round"], h["metrics"][name]) for h in history if name in h.get("metrics", {})]
+        ax.plot(*zip(*points), marker="o", label=name.removeprefix(metric_prefix))
+    ax.set_xlabel("round")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

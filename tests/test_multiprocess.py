@@ -1,0 +1,40 @@
+"""Data-parallel local training under `accelerate launch` (2 CPU processes over gloo)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peft_federated.hub_integration import LocalStore
+
+
+@pytest.mark.parametrize("strategy", ["rolora"])
+def test_two_processes_hold_identical_adapters_after_each_round(tmp_path, strategy):
+    out = tmp_path / "out"
+    out.mkdir()
+    launcher = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [str(launcher), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(Path(__file__).with_name("mp_client.py")), str(tmp_path / "store"), str(out), strategy]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in (0, 1):
+        assert '"world_size": 2' in (out / f"rank{rank}.json").read_text()
+    store = LocalStore(tmp_path / "store")
+    assert store.latest_round() == 2
+    for round in (0, 1):
+        a = load_file(str(out / f"rank0_round{round}.safetensors"))
+        b = load_file(str(out / f"rank1_round{round}.safetensors"))
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"ranks differ on {key} after round {round}"
+        # what the ranks hold is what the client submitted (RoLoRA: B in round 0, A in round 1)
+        update, _ = store.read_update(round, "mp-client")
+        for key, value in update.items():
+            assert torch.equal(value, a[key])
