@@ -97,16 +97,19 @@ def test_clients_and_aggregator_coordinate_only_through_the_store(tmp_path):
     agg = threading.Thread(target=serve, args=(store, cfg, ids), kwargs={"poll_interval": 0.05, "deadline": 60}, daemon=True)
     agg.start()
     errors = []
+    # Trainers are built here: building one (re)sets accelerate's process-wide state, which must
+    # not race with another thread's training. Only train() runs concurrently.
+    trainers = [FederatedTrainer(model=tiny_bert(cfg), args=tiny_args(tmp_path / cid), train_dataset=token_dataset(30, k),
+                                 federated_config=cfg, client_id=cid, store=store, poll_interval=0.05, round_timeout=60)
+                for k, cid in enumerate(ids)]
 
-    def client(cid, k):
+    def client(trainer):
         try:
-            model = tiny_bert(cfg)
-            FederatedTrainer(model=model, args=tiny_args(tmp_path / cid), train_dataset=token_dataset(30, k),
-                             federated_config=cfg, client_id=cid, store=store, poll_interval=0.05, round_timeout=60).train()
+            trainer.train()
         except Exception as err:  # surfaced below
             errors.append(err)
 
-    threads = [threading.Thread(target=client, args=(cid, k)) for k, cid in enumerate(ids)]
+    threads = [threading.Thread(target=client, args=(t,)) for t in trainers]
     for t in threads:
         t.start()
     for t in threads + [agg]:
