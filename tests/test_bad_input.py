@@ -130,3 +130,69 @@ def test_model_built_with_another_rank_is_refused(setup):
     other = make_model(make_config("fedit", r=2))
     with pytest.raises(ValueError, match="LoRA rank is 2 but the federation's r is 3"):
         s.prepare_client(other, state, "c0")
+
+
+def _norm_setup(gen, strategy="fedit", **kw):
+    cfg = make_config(strategy, r=3, **kw)
+    s = get_strategy(cfg)
+    model = make_model(cfg)
+    state = s.initial_state(model)
+    payload = s.prepare_client(model, state, "c0").payload()
+    start = {k: state.tensors[k] for k in payload}
+
+    def update(scale):  # a change of norm exactly `scale` in a random direction
+        direction = {k: torch.randn(v.shape, generator=gen) for k, v in start.items()}
+        size = sum(float((d.double() ** 2).sum()) for d in direction.values()) ** 0.5
+        return {k: start[k] + direction[k] * (scale / size) for k in start}
+
+    return s, state, start, update
+
+
+def test_update_above_the_norm_bound_is_refused_others_kept(gen):
+    s, state, _, update = _norm_setup(gen, max_update_norm=2.0)
+    small, big = update(1.5), update(40.0)
+    agg = s.aggregator(state)
+    agg.accept(small, 10, "c0")
+    with pytest.raises(InvalidUpdateError, match=r"L2 norm 40, above max_update_norm=2\.") as err:
+        agg.accept(big, 10, "c1")
+    assert "'c1'" in str(err.value)
+    assert list(agg.clients) == ["c0"] and agg.clients["c0"]["norm"] == pytest.approx(1.5, rel=1e-6)
+    result = agg.result()
+    reference = s.aggregate(state, [("c0", small, 10)])
+    for k in result.tensors:
+        torch.testing.assert_close(result.tensors[k], reference.tensors[k])
+
+
+def test_clipping_scales_the_change_down_to_the_bound(gen):
+    s, state, start, update = _norm_setup(gen, max_update_norm=2.0, clip_updates=True)
+    small, big = update(1.0), update(8.0)
+    agg = s.aggregator(state)
+    agg.accept(small, 30, "c0")
+    agg.accept(big, 10, "c1")
+    assert agg.clients["c1"]["clipped"] and not agg.clients["c0"]["clipped"]
+    result = agg.result()
+    # hand-computed: the clipped update is start + (big - start) / 4; FedIT averages weighted 3:1
+    for k in small:
+        clipped = start[k] + (big[k] - start[k]) * 0.25
+        torch.testing.assert_close(result.tensors[k], (0.75 * small[k].double() + 0.25 * clipped.double()).float())
+
+
+def test_norm_of_a_lower_rank_update_is_taken_from_its_truncated_start(gen):
+    # HetLoRA: a client at rank 2 is measured against the global factors truncated to rank 2.
+    s, state, _, _ = _norm_setup(gen, "hetlora", client_ranks={"c0": 2}, max_update_norm=1e-9)
+    agg = s.aggregator(state)
+    model = make_model(s.config)
+    unchanged = s.prepare_client(model, state, "c0").payload()
+    agg.accept(unchanged, 5, "c0")  # no change at all: norm 0, under any bound
+    assert agg.clients["c0"]["norm"] == 0.0 and agg.clients["c0"]["rank"] == 2
+
+
+@pytest.mark.parametrize("kw,message", [
+    ({"max_update_norm": -1.0}, "max_update_norm must be a positive number"),
+    ({"norm_outlier_factor": 0.5}, "norm_outlier_factor must be > 1"),
+    ({"clip_updates": True}, "clip_updates=True needs max_update_norm"),
+    ({"max_update_bytes": 0}, "max_update_bytes must be a positive integer"),
+])
+def test_bad_norm_settings_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        make_config("fedit", **kw)

@@ -80,6 +80,28 @@ class FederatedLoraConfig(LoraConfig):
         default=200, metadata={"help": "LoRA-FAIR: optimizer steps of the server-side correction (from dB = 0)."}
     )
     lora_fair_lr: float = field(default=1e-3, metadata={"help": "LoRA-FAIR: learning rate of the server's Adam solver."})
+    max_update_norm: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Bound on the L2 norm of a client's change to the global tensors it uploads (all tensors "
+            "together). An update above it is refused, or scaled down to it with clip_updates=True. None: no bound."
+        },
+    )
+    clip_updates: bool = field(
+        default=False,
+        metadata={"help": "Clip an update whose norm exceeds max_update_norm to that norm instead of refusing it."},
+    )
+    norm_outlier_factor: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Refuse an update whose change-norm exceeds this many times the median of the round's updates "
+            "(applied when at least 3 updates arrive). None: off."
+        },
+    )
+    max_update_bytes: int = field(
+        default=1 << 30,
+        metadata={"help": "Largest update file the aggregator reads, in bytes; larger files are refused unread."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -130,6 +152,15 @@ class FederatedLoraConfig(LoraConfig):
         _positive_int("lora_fair_steps", self.lora_fair_steps)
         if not self.lora_fair_lr > 0:
             raise ValueError(f"lora_fair_lr must be > 0, got {self.lora_fair_lr}.")
+        for name in ("max_update_norm", "norm_outlier_factor"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0):
+                raise ValueError(f"{name} must be a positive number or None, got {value!r}.")
+        if self.norm_outlier_factor is not None and self.norm_outlier_factor <= 1:
+            raise ValueError(f"norm_outlier_factor must be > 1 (a multiple of the median norm), got {self.norm_outlier_factor}.")
+        if self.clip_updates and self.max_update_norm is None:
+            raise ValueError("clip_updates=True needs max_update_norm: the norm to clip updates to.")
+        _positive_int("max_update_bytes", self.max_update_bytes)
 
     @property
     def scaling(self) -> float:

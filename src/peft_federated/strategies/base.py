@@ -22,7 +22,7 @@ from torch import Tensor
 
 from peft_federated import adapter
 from peft_federated.state import GlobalState, LowRank, lora_key, lora_modules
-from peft_federated.strategies.validation import check_update
+from peft_federated.strategies.validation import InvalidUpdateError, change_norm, check_update, clip_change
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -111,26 +111,48 @@ class Aggregator:
         self.extras = {k: WeightedMean() for k in state.extra_keys()}
         self.clients: dict[str, dict] = {}
 
-    def accept(self, update: dict[str, Tensor], num_samples: int, client_id: str) -> None:
-        """Validate one client's update and fold it in. A rejected update changes nothing."""
-        if client_id in self.clients:
-            raise ValueError(f"Client {client_id!r} already contributed to round {self.state.round}; an update counts once.")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"Client {client_id!r}: num_samples must be a positive integer, got {num_samples!r}.")
+    def check(self, update: dict[str, Tensor], client_id: str) -> int:
+        """Validate an update without folding it in; its rank. Raises `InvalidUpdateError`."""
         s = self.strategy
-        rank = check_update(
+        return check_update(
             update,
             self.state,
             trainable=s.trainable_factors(self.state.round),
             ranks=s.allowed_ranks(self.state, client_id),
             client_id=client_id,
         )
+
+    def change_norm(self, update: dict[str, Tensor], client_id: str, rank: int) -> float:
+        """The L2 norm of a (checked) update's change from the tensors the client started from."""
+        return change_norm(update, self.strategy.client_start(self.state, client_id, rank))
+
+    def accept(self, update: dict[str, Tensor], num_samples: int, client_id: str) -> None:
+        """Validate one client's update and fold it in. A rejected update changes nothing.
+
+        With `max_update_norm`, an update whose change is larger is refused, or clipped to that norm
+        with `clip_updates`."""
+        if client_id in self.clients:
+            raise ValueError(f"Client {client_id!r} already contributed to round {self.state.round}; an update counts once.")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"Client {client_id!r}: num_samples must be a positive integer, got {num_samples!r}.")
+        s, bound = self.strategy, self.strategy.config.max_update_norm
+        rank = self.check(update, client_id)
+        norm = None if bound is None else self.change_norm(update, client_id, rank)
+        clipped = norm is not None and norm > bound
+        if clipped and not s.config.clip_updates:
+            raise InvalidUpdateError(
+                client_id, self.state.round,
+                f"its change has L2 norm {norm:.4g}, above max_update_norm={bound:.4g}. Lower the client's learning "
+                "rate or local steps, or raise the bound (or set clip_updates=True).",
+            )
+        if clipped:
+            update = clip_change(update, s.client_start(self.state, client_id, rank), norm, bound)
         weight = s.weight(num_samples)
         for module, agg in self.modules.items():
             agg.accept(update.get(lora_key(module, "lora_A")), update.get(lora_key(module, "lora_B")), weight)
         for key, mean in self.extras.items():
             mean.add(update[key], weight)
-        self.clients[client_id] = {"num_samples": num_samples, "weight": weight, "rank": rank}
+        self.clients[client_id] = {"num_samples": num_samples, "weight": weight, "rank": rank, "norm": norm, "clipped": clipped}
 
     def result(self) -> GlobalState:
         """The next global state: round + 1, aggregated factors, the base change folded into base_delta."""

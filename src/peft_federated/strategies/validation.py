@@ -66,3 +66,17 @@ def check_update(
         if not torch.isfinite(value).all():
             raise refuse(f"{key} holds NaN or Inf values.")
     return rank if rank is not None else ranks.start
+
+
+def change_norm(update: dict[str, Tensor], start: dict[str, Tensor]) -> float:
+    """L2 norm of an update's change from the tensors the client started from, all tensors together."""
+    total = 0.0
+    for key, value in update.items():
+        total += float(torch.sum((value.double() - start[key].double()) ** 2))
+    return total**0.5
+
+
+def clip_change(update: dict[str, Tensor], start: dict[str, Tensor], norm: float, bound: float) -> dict[str, Tensor]:
+    """The update whose change from `start` is scaled from `norm` down to `bound`."""
+    factor = bound / norm
+    return {k: (start[k].double() + (v.double() - start[k].double()) * factor).to(v.dtype) for k, v in update.items()}
