@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from typing import Optional
 
@@ -23,9 +25,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--local-steps", type=int, default=12)
     demo.add_argument("--rank", type=int, default=8)
     demo.add_argument("--lr", type=float, default=2e-3)
-    demo.add_argument("--train-examples", type=int, default=8000)
+    demo.add_argument("--train-examples", type=int, default=8000, help="Tweets to train on (spread over the clients).")
+    demo.add_argument("--eval-examples", type=int, default=800, help="Held-out tweets evaluated after every round.")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--no-progress", action="store_true")
+    _add_role_parsers(sub)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
@@ -34,10 +38,117 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary = run_demo(
             output_dir=args.output_dir, strategy=args.strategy, num_clients=args.clients, alpha=args.alpha,
             num_rounds=args.rounds, clients_per_round=args.clients_per_round, local_steps=args.local_steps,
-            rank=args.rank, learning_rate=args.lr, train_examples=args.train_examples, seed=args.seed,
+            rank=args.rank, learning_rate=args.lr, train_examples=args.train_examples,
+            eval_examples=args.eval_examples, seed=args.seed,
             progress=not args.no_progress,
         )
         print(json.dumps(summary, indent=2))
+    elif args.command in ("aggregate", "client"):
+        return _run_role(parser, args)
+    return 0
+
+
+def _add_role_parsers(sub) -> None:
+    """`aggregate` and `client`: the two roles of a real federation, as separate processes (see roles.py)."""
+    where = argparse.ArgumentParser(add_help=False)
+    place = where.add_mutually_exclusive_group(required=True)
+    place.add_argument("--repo", help="The federation's global Hub repo, e.g. my-org/my-federation.")
+    place.add_argument("--local-dir", help="A local folder store instead of the Hub (all parties on one file system).")
+    where.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved `hf auth login`).")
+    where.add_argument("--endpoint", default=None, help="Hub URL (default: HF_ENDPOINT or https://huggingface.co).")
+    where.add_argument("--poll-interval", type=float, default=2.0, help="Seconds between looks at the store.")
+    where.add_argument("--retry-timeout", type=float, default=120.0, help="Seconds to keep retrying transient Hub errors.")
+
+    agg = sub.add_parser("aggregate", parents=[where], help="The aggregator: publish round 0 from the base model, then aggregate every round.",
+                         description="Define the federation, publish round 0 and aggregate each round as the clients' updates arrive.")
+    agg.add_argument("--clients", required=True, help="Comma-separated ids of the federation's clients, e.g. a,b,c.")
+    agg.add_argument("--client-repo", action="append", default=[], metavar="ID=NAMESPACE/REPO",
+                     help="A client's updates repo (repeatable; default: <repo>-updates-<client id>).")
+    agg.add_argument("--model", required=True, help="Base model folder or Hub id.")
+    agg.add_argument("--base-model-id", default=None, help="Name recorded as the base model (default: --model); clients load it unless given --model.")
+    agg.add_argument("--num-labels", type=int, default=None, help="Classification head size (default: the model config's).")
+    agg.add_argument("--task-type", default="SEQ_CLS", help="PEFT task type: SEQ_CLS, CAUSAL_LM, TOKEN_CLS, SEQ_2_SEQ_LM, ...")
+    agg.add_argument("--strategy", default="rolora", choices=sorted(STRATEGIES))
+    agg.add_argument("--rounds", type=int, default=10)
+    agg.add_argument("--rank", type=int, default=8)
+    agg.add_argument("--lora-alpha", type=float, default=None, help="Default: 2 * rank.")
+    agg.add_argument("--lora-dropout", type=float, default=0.0)
+    agg.add_argument("--target-modules", required=True, help="Comma-separated module names, e.g. query,value.")
+    agg.add_argument("--local-steps", type=int, default=10, help="Optimizer steps each client takes per round.")
+    agg.add_argument("--weighting", default="samples", choices=["samples", "uniform"])
+    agg.add_argument("--init-seed", type=int, default=0)
+    agg.add_argument("--client-rank", action="append", default=[], metavar="ID=RANK", help="hetlora/flora: a client's rank (repeatable).")
+    agg.add_argument("--quorum", type=int, default=None, help="Updates that close a round (default: every client).")
+    agg.add_argument("--deadline", type=float, default=600.0, help="Seconds after which a round closes with --min-clients updates.")
+    agg.add_argument("--min-clients", type=int, default=1)
+
+    client = sub.add_parser(
+        "client", parents=[where], help="A client: train each round on local data and submit the update.",
+        description="Take part in a federation: the federation's config comes from its round 0. DATA is a folder "
+        "saved with datasets' save_to_disk (a DatasetDict: its 'train' split) or a .json/.jsonl/.csv file, with "
+        "either tokenized columns (input_ids, attention_mask, label) used as they are, or a text column "
+        "tokenized with the base model's tokenizer, plus a label column.",
+    )
+    client.add_argument("--client-id", required=True)
+    client.add_argument("--update-repo", default=None, help="Hub repo this client writes its updates to (default: <repo>-updates-<client id>).")
+    client.add_argument("--data", required=True, help="Training data (see above).")
+    client.add_argument("--model", default=None, help="Base model folder or Hub id (default: the one the federation names).")
+    client.add_argument("--num-labels", type=int, default=None, help="Classification head size (default: the model config's).")
+    client.add_argument("--text-column", default="text")
+    client.add_argument("--label-column", default="label")
+    client.add_argument("--max-length", type=int, default=128, help="Tokenizer truncation length for text data.")
+    client.add_argument("--batch-size", type=int, default=8)
+    client.add_argument("--lr", type=float, default=5e-4)
+    client.add_argument("--seed", type=int, default=0)
+    client.add_argument("--output-dir", default=None, help="Trainer output folder (default: ./peft-federated-<client id>).")
+    client.add_argument("--round-timeout", type=float, default=3600.0, help="Seconds to wait for each global round.")
+
+
+def _pairs(parser: argparse.ArgumentParser, items: list[str], what: str) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            parser.error(f"{what} must look like ID=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def _run_role(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from peft_federated import roles
+    from peft_federated.config import FederatedLoraConfig
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    logging.getLogger("peft_federated").setLevel(logging.INFO)
+    token = args.token or os.environ.get("HF_TOKEN") or None
+    if args.command == "aggregate":
+        clients = [c.strip() for c in args.clients.split(",") if c.strip()]
+        repos = _pairs(parser, args.client_repo, "--client-repo")
+        store = roles.open_store(args.repo, args.local_dir, clients, repos, token, args.endpoint, args.retry_timeout)
+        config = FederatedLoraConfig(
+            strategy=args.strategy, num_rounds=args.rounds, r=args.rank, lora_alpha=2 * args.rank if args.lora_alpha is None else args.lora_alpha,
+            lora_dropout=args.lora_dropout, target_modules=[m.strip() for m in args.target_modules.split(",")],
+            task_type=args.task_type, local_steps=args.local_steps, weighting=args.weighting, init_seed=args.init_seed,
+            client_ranks={k: int(v) for k, v in _pairs(parser, args.client_rank, "--client-rank").items()} or None,
+            base_model_name_or_path=args.base_model_id or args.model,
+        )
+        history = roles.run_aggregator(
+            store, config, args.model, clients, num_labels=args.num_labels, quorum=args.quorum, deadline=args.deadline,
+            min_clients=args.min_clients, poll_interval=args.poll_interval,
+        )
+        summary = [{k: h.get(k) for k in ("round", "metrics")} | {"clients": [c["client_id"] for c in h.get("contributions", [])]}
+                   for h in history]
+        print(json.dumps({"store": repr(store), "rounds": summary}, indent=2))
+    else:
+        repos = {args.client_id: args.update_repo} if args.update_repo else {}
+        store = roles.open_store(args.repo, args.local_dir, [args.client_id], repos, token, args.endpoint, args.retry_timeout)
+        metrics = roles.run_client(
+            store, args.client_id, args.data, model_path=args.model, num_labels=args.num_labels, output_dir=args.output_dir,
+            learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+            text_column=args.text_column, label_column=args.label_column, poll_interval=args.poll_interval,
+            round_timeout=args.round_timeout,
+        )
+        print(json.dumps({"client_id": args.client_id, "last_round_metrics": metrics}, indent=2))
     return 0
 
 

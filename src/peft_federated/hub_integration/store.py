@@ -58,6 +58,31 @@ def update_sha256(tensors: dict[str, Tensor]) -> str:
     return hashlib.sha256(serialize_update(tensors)).hexdigest()
 
 
+def update_record(round: int, client_id: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
+    """What a client stores for an update: the safetensors bytes, and its update.json record (the
+    client's `meta` plus round, client id and the sha256 of those bytes). Shared by every store."""
+    data = serialize_update(tensors)
+    return data, {**meta, "round": round, "client_id": check_client_id(client_id), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def check_update_bytes(data: bytes, meta: dict[str, Any], round: int, client_id: str) -> None:
+    """Refuse an update whose bytes do not match the sha256 recorded in its update.json."""
+    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+        raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256.")
+
+
+def check_update_file(path: Path, meta: dict[str, Any], round: int, client_id: str, chunk: int = 2**20) -> None:
+    """`check_update_bytes` for an update file, hashed in chunks through one reused buffer: no copy of
+    the whole file in memory (which costs more than the hash itself)."""
+    digest, buf = hashlib.sha256(), bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            digest.update(view[:n])
+    if digest.hexdigest() != meta.get("sha256"):
+        raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256.")
+
+
 def round_name(round: int) -> str:
     return f"round-{round:04d}"
 
@@ -93,6 +118,10 @@ class RoundStore(ABC):
     def read_update(self, round: int, client_id: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """A submitted update's tensors and metadata (which includes its sha256)."""
 
+    def round_folder(self, round: int) -> Path:
+        """A local folder holding a published round's files (adapter_config.json, federation.json, ...)."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose round folders.")
+
 
 class LocalStore(RoundStore):
     """Rounds and updates in a local folder, with the Hub's layout (see the module docstring)."""
@@ -107,6 +136,11 @@ class LocalStore(RoundStore):
 
     def round_path(self, round: int) -> Path:
         return self.root / "rounds" / round_name(round)
+
+    def round_folder(self, round: int) -> Path:
+        if not self.round_path(round).is_dir():
+            raise FileNotFoundError(f"Round {round} is not published in {self.root} (latest: {self.latest_round()}).")
+        return self.round_path(round)
 
     def latest_round(self) -> Optional[int]:
         try:
@@ -155,15 +189,14 @@ class LocalStore(RoundStore):
     def submit_update(self, round: int, client_id: str, tensors: dict[str, Tensor], meta: dict[str, Any]) -> str:
         target = self._update_dir(round, client_id)
         target.parent.mkdir(parents=True, exist_ok=True)
+        data, record = update_record(round, client_id, tensors, meta)
         tmp = Path(tempfile.mkdtemp(prefix=".submit-", dir=target.parent))
-        data = serialize_update(tensors)
         (tmp / "update.safetensors").write_bytes(data)
-        digest = hashlib.sha256(data).hexdigest()
-        (tmp / "update.json").write_text(json.dumps({**meta, "round": round, "client_id": client_id, "sha256": digest}, indent=2))
+        (tmp / "update.json").write_text(json.dumps(record, indent=2))
         if target.exists():  # a resubmission replaces the earlier one for this round
             shutil.rmtree(target)
         os.rename(tmp, target)
-        return digest
+        return record["sha256"]
 
     def list_updates(self, round: int) -> list[str]:
         updates = self.root / "updates"
@@ -172,9 +205,7 @@ class LocalStore(RoundStore):
     def read_update(self, round: int, client_id: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
         folder = self._update_dir(round, client_id)
         meta = json.loads((folder / "update.json").read_text())
-        data = (folder / "update.safetensors").read_bytes()
-        if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-            raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256.")
+        check_update_file(folder / "update.safetensors", meta, round, client_id)
         return load_safetensors(folder / "update.safetensors"), meta
 
 

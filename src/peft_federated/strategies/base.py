@@ -45,23 +45,31 @@ def get_strategy(config: "FederatedLoraConfig") -> "Strategy":
 
 
 class WeightedMean:
-    """Running sum_k w_k x_k / sum_k w_k, accumulated in float64."""
+    """Running weighted mean sum_k w_k x_k / sum_k w_k, updated in place one x at a time.
+
+    Kept as the mean itself (mean += w_k / W_k * (x_k - mean), one `lerp_`), not as a sum: one
+    accumulator the size of x and no temporary per update, so a server round reads each update once
+    and its memory does not grow with the number of clients; and the mean of identical inputs (or of
+    one input) is that input, bit for bit. Accumulated in float32, or in the input's dtype when wider.
+    """
 
     def __init__(self) -> None:
-        self.sum: Optional[Tensor] = None
+        self.mean: Optional[Tensor] = None
         self.total = 0.0
 
     def add(self, x: Tensor, weight: float) -> None:
-        term = x.double() * weight
-        self.sum = term if self.sum is None else self.sum + term
         self.total += weight
+        if self.mean is None:
+            self.mean = x.to(torch.promote_types(x.dtype, torch.float32), copy=True)
+        elif self.total > 0:  # a zero weight while the total is still zero: nothing to move
+            self.mean.lerp_(x.to(self.mean.dtype), weight / self.total)
 
     def value(self, dtype: torch.dtype) -> Tensor:
-        if self.sum is None:
+        if self.mean is None:
             raise ValueError("No update was accepted.")
         if self.total == 0:  # every weight was zero (e.g. HetLoRA norms of all-zero updates)
             raise ZeroDivisionError("All aggregation weights are zero.")
-        return (self.sum / self.total).to(dtype)
+        return self.mean.to(dtype, copy=True)
 
 
 class ModuleAggregator(ABC):
@@ -94,8 +102,8 @@ class FedAvgModule(ModuleAggregator):
             self.mean_B.add(B, weight)
 
     def averaged(self) -> tuple[Tensor, Tensor]:
-        A = self.mean_A.value(self.A0.dtype) if self.mean_A.sum is not None else self.A0
-        B = self.mean_B.value(self.B0.dtype) if self.mean_B.sum is not None else self.B0
+        A = self.mean_A.value(self.A0.dtype) if self.mean_A.mean is not None else self.A0
+        B = self.mean_B.value(self.B0.dtype) if self.mean_B.mean is not None else self.B0
         return A, B
 
     def result(self) -> tuple[Tensor, Tensor, Optional[LowRank]]:

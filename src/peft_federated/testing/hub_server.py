@@ -189,6 +189,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Headers and body go out as two writes: without this, Nagle + delayed ACK stall each reply ~40 ms.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         hub: HubServer = self.server.hub  # type: ignore[attr-defined]
         with hub._lock:
             hub._conns.add(self.connection)
