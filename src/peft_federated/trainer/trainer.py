@@ -16,8 +16,10 @@ Choices, documented:
 
 from __future__ import annotations
 
+import gc
 import time
 import zlib
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -29,6 +31,19 @@ from peft_federated.strategies import ClientRound, get_strategy
 
 if TYPE_CHECKING:
     from peft_federated.config import FederatedLoraConfig
+
+
+@contextmanager
+def _gc_frozen():
+    """Every `Trainer.train()` starts with a full `gc.collect()` (accelerate's `free_memory`), which
+    scans every object of the process: about a second with a model and datasets in memory, paid
+    each round by each client. Objects that exist before the round are set aside for its duration,
+    so that collection scans only the round's own; they are collectable again afterwards."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 class FederatedMixin:
@@ -69,7 +84,8 @@ class FederatedMixin:
         self.model_wrapped = self.model
         args.seed = self._base_seed + 1009 * state.round + zlib.crc32(self.client_id.encode()) % 1000
         set_seed(args.seed)  # dropout and data order depend only on (seed, round, client): resumable
-        output = super().train()
+        with _gc_frozen():
+            output = super().train()
         payload = self.client_round.payload()
         self.client_round = None
         metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
@@ -106,7 +122,7 @@ class FederatedMixin:
     def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
         """Take part in every round through `store`: wait for each global round, train, submit.
 
-        Resumable: rounds this client already submitted are skipped. Returns the last round's metrics.
+        Resumable: rounds this client already submitted, or that closed while it was away, are skipped. Returns the last round's metrics.
         """
         if self.store is None:
             raise ValueError("FederatedTrainer.train() needs store=...; or call train_round(state) yourself.")
@@ -122,9 +138,10 @@ class FederatedMixin:
             self.accelerator.wait_for_everyone()
         return last
 
-    def _sync_state(self, round: int) -> tuple[GlobalState, bool]:
-        """The global state of `round` and whether this client already submitted it: read on the main
-        process (waiting until the round is published), broadcast to the others."""
+    def _sync_state(self, round: int) -> tuple[Optional[GlobalState], bool]:
+        """The global state of `round` and whether to skip it (this client already submitted it, or
+        the round is already closed): read on the main process (waiting until the round is
+        published), broadcast to the others."""
         box: list[Any] = [None]
         if self.is_world_process_zero():
             deadline = time.monotonic() + self.round_timeout
@@ -132,7 +149,8 @@ class FederatedMixin:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Round {round} was not published within {self.round_timeout:.0f}s; is the aggregator running?")
                 time.sleep(self.poll_interval)
-            box[0] = (self.store.read_round(round)[0], self.client_id in self.store.list_updates(round))
+            closed = latest > round  # aggregated without this client (e.g. it was down): rejoin at the latest round
+            box[0] = (None if closed else self.store.read_round(round)[0], closed or self.client_id in self.store.list_updates(round))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
