@@ -3,44 +3,45 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import logging
 import os
 import sys
 from typing import Optional
 
+from peft_federated.demo import run_demo
 from peft_federated.strategies import STRATEGIES
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="peft-federated", description="Federated LoRA fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="Federated MiniLM on Twitter sentiment, simulated on this machine (the main job).")
-    demo.add_argument("--output-dir", default="runs/sentiment", help="Where the store, results.json and metrics.png go.")
-    demo.add_argument("--strategy", default="rolora", choices=sorted(STRATEGIES))
-    demo.add_argument("--clients", type=int, default=10, help="Number of clients.")
-    demo.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label-skew concentration (smaller = more skewed).")
-    demo.add_argument("--rounds", type=int, default=8)
-    demo.add_argument("--clients-per-round", type=int, default=5)
-    demo.add_argument("--local-steps", type=int, default=12)
-    demo.add_argument("--rank", type=int, default=8)
-    demo.add_argument("--lr", type=float, default=2e-3)
-    demo.add_argument("--train-examples", type=int, default=8000, help="Tweets to train on (spread over the clients).")
-    demo.add_argument("--eval-examples", type=int, default=800, help="Held-out tweets evaluated after every round.")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-progress", action="store_true")
+    demo = sub.add_parser("demo", help="Federated MiniLM on Twitter sentiment, simulated on this machine (the main job).",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d = {name: p.default for name, p in inspect.signature(run_demo).parameters.items()}  # one set of defaults
+    demo.add_argument("--output-dir", default=d["output_dir"], help="Where the store, results.json and metrics.png go.")
+    demo.add_argument("--strategy", default=d["strategy"], choices=sorted(STRATEGIES), help="Aggregation strategy.")
+    demo.add_argument("--clients", type=int, default=d["num_clients"], help="Number of clients.")
+    demo.add_argument("--alpha", type=float, default=d["alpha"], help="Dirichlet label-skew concentration (smaller = more skewed).")
+    demo.add_argument("--rounds", type=int, default=d["num_rounds"], help="Federated rounds.")
+    demo.add_argument("--clients-per-round", type=int, default=d["clients_per_round"], help="Clients sampled each round.")
+    demo.add_argument("--local-steps", type=int, default=d["local_steps"], help="Optimizer steps per client and round.")
+    demo.add_argument("--rank", type=int, default=d["rank"], help="LoRA rank on query and value.")
+    demo.add_argument("--lr", type=float, default=d["learning_rate"], help="Clients' AdamW learning rate, cosine over the federation.")
+    demo.add_argument("--train-examples", type=int, default=d["train_examples"], help="Tweets to train on (spread over the clients).")
+    demo.add_argument("--eval-examples", type=int, default=d["eval_examples"], help="Held-out tweets evaluated after every round.")
+    demo.add_argument("--seed", type=int, default=d["seed"], help="Seeds the data split, partition, client sampling and training.")
+    demo.add_argument("--no-progress", action="store_true", help="No progress bar (round results still print).")
     _add_role_parsers(sub)
     args = parser.parse_args(argv)
 
     if args.command == "demo":
-        from peft_federated.demo import run_demo
-
         summary = run_demo(
             output_dir=args.output_dir, strategy=args.strategy, num_clients=args.clients, alpha=args.alpha,
             num_rounds=args.rounds, clients_per_round=args.clients_per_round, local_steps=args.local_steps,
             rank=args.rank, learning_rate=args.lr, train_examples=args.train_examples,
-            eval_examples=args.eval_examples, seed=args.seed,
-            progress=not args.no_progress,
+            eval_examples=args.eval_examples, seed=args.seed, progress=not args.no_progress,
         )
         print(json.dumps(summary, indent=2))
     elif args.command in ("aggregate", "client"):
@@ -81,6 +82,10 @@ def _add_role_parsers(sub) -> None:
     agg.add_argument("--quorum", type=int, default=None, help="Updates that close a round (default: every client).")
     agg.add_argument("--deadline", type=float, default=600.0, help="Seconds after which a round closes with --min-clients updates.")
     agg.add_argument("--min-clients", type=int, default=1)
+    agg.add_argument("--max-update-norm", type=float, default=None, help="Refuse (or with --clip-updates, clip) an update whose change has a larger L2 norm.")
+    agg.add_argument("--clip-updates", action="store_true", help="Clip updates above --max-update-norm instead of refusing them.")
+    agg.add_argument("--norm-outlier-factor", type=float, default=None, help="Refuse an update whose change-norm exceeds this many times the round's median (3+ updates).")
+    agg.add_argument("--max-update-bytes", type=int, default=1 << 30, help="Largest update file read; larger ones are refused unread.")
 
     client = sub.add_parser(
         "client", parents=[where], help="A client: train each round on local data and submit the update.",
@@ -130,7 +135,8 @@ def _run_role(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             lora_dropout=args.lora_dropout, target_modules=[m.strip() for m in args.target_modules.split(",")],
             task_type=args.task_type, local_steps=args.local_steps, weighting=args.weighting, init_seed=args.init_seed,
             client_ranks={k: int(v) for k, v in _pairs(parser, args.client_rank, "--client-rank").items()} or None,
-            base_model_name_or_path=args.base_model_id or args.model,
+            base_model_name_or_path=args.base_model_id or args.model, max_update_norm=args.max_update_norm,
+            clip_updates=args.clip_updates, norm_outlier_factor=args.norm_outlier_factor, max_update_bytes=args.max_update_bytes,
         )
         history = roles.run_aggregator(
             store, config, args.model, clients, num_labels=args.num_labels, quorum=args.quorum, deadline=args.deadline,
