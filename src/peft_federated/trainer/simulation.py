@@ -113,7 +113,7 @@ def run_simulation(
         state = aggregator.result()
         metrics = evaluate(state)
         store.publish_round(state, config, {"metrics": metrics, "contributions": contributions})
-        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and "runtime" not in k and "per_second" not in k}
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and not any(s in k for s in ("runtime", "per_second", "_time"))}
         bar.write(f"round {state.round}/{config.num_rounds}: {shown}")
     bar.close()
     history = store.history()
@@ -141,7 +141,7 @@ def plot_history(path: Path, history: list[dict[str, Any]], title: str, metric_p
     except ImportError:
         return None
     names = sorted({k for h in history for k in h.get("metrics", {}) if k.startswith(metric_prefix)
-                    and not any(s in k for s in ("runtime", "per_second", "loss"))})
+                    and not any(s in k for s in ("runtime", "per_second", "_time", "loss"))})
     if not names:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
