@@ -8,6 +8,7 @@ reported in the round's metadata with its reason; the others are kept.
 from __future__ import annotations
 
 import logging
+import statistics
 import time
 from typing import Optional
 
@@ -24,26 +25,68 @@ def aggregate_round(
     """Aggregate the updates submitted for the round after the latest published one and publish it.
 
     `clients`: the registered clients (others' updates are refused); None accepts any client.
+    Each update is refused, with its reason in the round's `refused` metadata, when: its client is
+    not registered; its file is above `max_update_bytes` (unread); it does not match its sha256; it
+    was trained from another round or base commit; it fails the strategy's checks (names, shapes,
+    ranks, dtypes, finite values, `max_update_norm`); its bytes repeat an accepted update (an update
+    counts once); or, with `norm_outlier_factor` and at least 3 valid updates, its change-norm is
+    above that factor times the round's median norm. The median comes from a first pass that reads
+    each update and keeps only its norm, so memory stays at one update, as in the accept pass.
+    Accepted updates are listed in `contributions` with their sha256: anyone can re-verify the round.
     Returns the published round, or None when no valid update was there.
     """
     strategy = get_strategy(config)
     state, _ = store.read_round()
-    aggregator = strategy.aggregator(state)
-    contributions, refused = [], []
+    refused: list[dict] = []
+    submitted = []
     for client_id in store.list_updates(state.round):
-        if clients is not None and client_id not in clients:
+        if clients is None or client_id in clients:
+            submitted.append(client_id)
+        else:
             refused.append({"client_id": client_id, "reason": "not a registered client of this federation"})
-            continue
+
+    def read_checked(aggregator, client_id: str) -> tuple[dict, dict, float]:
+        """A valid update, its metadata and its change-norm; raises InvalidUpdateError or ValueError."""
+        tensors, meta = store.read_update(state.round, client_id, max_bytes=config.max_update_bytes)
+        if meta.get("client_id") != client_id or meta.get("round") != state.round:
+            raise InvalidUpdateError(client_id, state.round, f"its update.json is for client {meta.get('client_id')!r}, "
+                                     f"round {meta.get('round')!r}: a client submits only its own update, in that round's folder")
+        if meta.get("base_round") != state.round:
+            raise InvalidUpdateError(client_id, state.round, f"it was trained from round {meta.get('base_round')}; "
+                                     f"the client must train from round {state.round}")
+        return tensors, meta, aggregator.change_norm(tensors, client_id, aggregator.check(tensors, client_id))
+
+    bound = None
+    if config.norm_outlier_factor is not None and len(submitted) >= 3:
+        probe, norms = strategy.aggregator(state), []
+        for client_id in submitted:
+            try:
+                norms.append(read_checked(probe, client_id)[2])
+            except (InvalidUpdateError, ValueError):
+                pass  # refused with its reason in the accept pass
+        if len(norms) >= 3:
+            bound = config.norm_outlier_factor * statistics.median(norms)
+
+    aggregator = strategy.aggregator(state)
+    contributions, accepted = [], {}
+    for client_id in submitted:
         try:
-            tensors, meta = store.read_update(state.round, client_id)
-            if meta.get("base_round") != state.round:
-                raise InvalidUpdateError(client_id, state.round, f"it was trained from round {meta.get('base_round')}")
+            tensors, meta, norm = read_checked(aggregator, client_id)
+            if meta.get("sha256") in accepted:
+                raise ValueError(f"Update of {client_id!r} for round {state.round} is byte for byte the update of "
+                                 f"{accepted[meta['sha256']]!r}: an update counts once.")
+            if bound is not None and norm > bound:
+                raise InvalidUpdateError(client_id, state.round, (
+                    f"its change has L2 norm {norm:.4g}, above norm_outlier_factor={config.norm_outlier_factor:g} x the "
+                    f"round's median norm ({bound / config.norm_outlier_factor:.4g}). Check the client's data and "
+                    "learning rate, or raise norm_outlier_factor."))
             aggregator.accept(tensors, meta.get("num_samples"), client_id)
         except (InvalidUpdateError, ValueError) as err:
             refused.append({"client_id": client_id, "reason": str(err)})
             logger.warning("%s", err)
             continue
-        contributions.append({k: meta.get(k) for k in ("client_id", "num_samples", "sha256", "metrics")})
+        accepted[meta["sha256"]] = client_id
+        contributions.append({k: meta.get(k) for k in ("client_id", "num_samples", "sha256", "metrics")} | {"norm": norm})
     if not contributions:
         return None
     new = aggregator.result()

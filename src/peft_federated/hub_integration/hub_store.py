@@ -14,6 +14,9 @@ A client's updates repo is `client_repos[client_id]` if given (e.g. in the clien
 else "<repo_id>-updates-<client_id>". The store finds a round's updates by asking each known client's
 repo (`clients`, `client_repos`) for that round's file; it never lists the Hub.
 
+`read_update(..., max_bytes=)` reads the update file's size from the Hub's metadata (paths-info) and
+refuses a larger file before downloading it.
+
 `publish_round` commits on the head of main it read (`parent_commit`), then tags the commit. A round
 is published once tagged (`latest_round` reads the tags). If another aggregator committed first the
 Hub answers 412: `RoundAlreadyPublishedError`. A tag missing after a crash is added by the next publish.
@@ -48,11 +51,12 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineMo
 from torch import Tensor
 
 from peft_federated.hub_integration.layout import (
-    ADAPTER_CONFIG, ADAPTER_WEIGHTS, FEDERATION, load_safetensors, read_metadata, read_round, write_round,
+    ADAPTER_CONFIG, ADAPTER_WEIGHTS, FEDERATION, read_metadata, read_round, write_round,
 )
 from peft_federated.hub_integration.model_card import write_model_card
 from peft_federated.hub_integration.store import (
-    RoundAlreadyPublishedError, RoundStore, check_client_id, check_update_file, round_name, update_record,
+    RoundAlreadyPublishedError, RoundStore, check_client_id, check_update_file, check_update_size, crash_point,
+    load_update, read_update_json, round_name, update_record,
 )
 from peft_federated.state import GlobalState
 
@@ -188,12 +192,14 @@ class HubStore(RoundStore):
                 history = [self._metadata(r) for r in range(state.round)] + [read_metadata(tmp)]
                 write_model_card(tmp, config, history, repo_id=self.repo_id)
                 ops = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=str(p)) for p in sorted(Path(tmp).iterdir())]
+                crash_point("before-commit", state.round)
                 try:
                     commit = self._call(f"publish round {state.round} to", self.repo_id, self.api.create_commit,
                                         self.repo_id, ops, commit_message=f"Round {state.round}", parent_commit=head)
                 except _StaleParentError:
                     logger.info("main of %s moved while publishing round %d; re-reading it", self.repo_id, state.round)
                     continue
+            crash_point("after-commit", state.round)
             self._tag(state.round, commit.oid)
             return commit.oid
         raise HubStoreError(f"main of {self.repo_id!r} kept moving while round {state.round} was being published: "
@@ -264,17 +270,24 @@ class HubStore(RoundStore):
         return [c for c in self.clients
                 if self._call(f"look for {path} in", self.update_repo(c), self.api.file_exists, self.update_repo(c), path)]
 
-    def read_update(self, round: int, client_id: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def read_update(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         repo, folder = self.update_repo(client_id), round_name(round)
         head = self._call("read", repo, self.api.repo_info, repo).sha  # both files from one upload, even mid-resubmission
-        meta = json.loads(self._download(repo, f"{folder}/update.json", head).read_text())
-        path = self._download(repo, f"{folder}/update.safetensors", head)
+        weights = f"{folder}/update.safetensors"
+        if max_bytes is not None:  # the size the Hub records, before downloading anything
+            info = self._call(f"read the size of {weights} in", repo, self.api.get_paths_info, repo, [weights], revision=head)
+            if not info:
+                raise ValueError(f"Update of {client_id!r} for round {round} has no update.safetensors in {repo!r}; "
+                                 "the client must resubmit.")
+            check_update_size(info[0].size, max_bytes, round, client_id)
+        meta = read_update_json(self._download(repo, f"{folder}/update.json", head).read_bytes(), round, client_id)
+        path = self._download(repo, weights, head)
         check_update_file(path, meta, round, client_id)
         if meta.get("base_round") == round and meta.get("base_commit") != self._commit(round):
             raise ValueError(f"Update of {client_id!r} for round {round} was trained from commit {meta.get('base_commit')} "
                              f"of {self.repo_id!r}, not from round {round}'s {self._commit(round)}: it belongs to "
                              "another run of the federation.")
-        return load_safetensors(path), meta
+        return load_update(path, round, client_id), meta
 
     # ---- requests -------------------------------------------------------------------------------
     def _download(self, repo_id: str, filename: str, revision: str) -> Path:

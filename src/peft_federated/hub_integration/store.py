@@ -8,6 +8,10 @@ A local store mirrors the Hub layout on disk:
 
 A round is written to a temporary folder and renamed into place, so it is never seen half-written
 and can be published only once; an update is written the same way.
+
+Reading an update verifies it before anything uses it: its size (`max_bytes`, before reading), its
+update.json (a JSON object), its bytes against the recorded sha256, and a readable safetensors file;
+each failure is a ValueError naming the client and round, which the aggregator records as a refusal.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from safetensors.torch import save as save_bytes
 from torch import Tensor
 
-from peft_federated.hub_integration.layout import load_safetensors, read_round, write_round
+from peft_federated.hub_integration.layout import CorruptRoundError, load_safetensors, read_round, write_round
 from peft_federated.hub_integration.model_card import write_model_card
 from peft_federated.state import GlobalState
 
@@ -47,6 +52,17 @@ def check_client_id(client_id: str) -> str:
             "letter or digit (no '/', '\\' or '..')."
         )
     return client_id
+
+
+def read_update_json(data: bytes, round: int, client_id: str) -> dict[str, Any]:
+    """A client's update.json record, refused with a precise error unless it is a JSON object."""
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"update.json of {client_id!r} for round {round} is not valid JSON ({err}); the client must resubmit.") from err
+    if not isinstance(meta, dict):
+        raise ValueError(f"update.json of {client_id!r} for round {round} must be a JSON object, got {type(meta).__name__}.")
+    return meta
 
 
 def serialize_update(tensors: dict[str, Tensor]) -> bytes:
@@ -83,6 +99,30 @@ def check_update_file(path: Path, meta: dict[str, Any], round: int, client_id: s
         raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256.")
 
 
+def check_update_size(size: int, max_bytes: Optional[int], round: int, client_id: str) -> None:
+    """Refuse an update file larger than `max_bytes` (the federation's `max_update_bytes`) before reading it."""
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(f"Update of {client_id!r} for round {round} is {size} bytes, above max_update_bytes={max_bytes}: "
+                         "refused unread. An update holds only the round's LoRA factors; raise max_update_bytes if "
+                         "the federation's adapters really are that large.")
+
+
+def crash_point(point: str, round: int) -> None:
+    """Test hook: SIGKILL this process at `point` ("before-commit" or "after-commit", i.e. between a
+    round's commit and its tag) of publishing `round` when PEFT_FEDERATED_CRASH_AT is "<point>:<round>".
+    It reaches moments a kill from outside cannot hit reliably; unset, it does nothing."""
+    if os.environ.get("PEFT_FEDERATED_CRASH_AT") == f"{point}:{round}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def load_update(path: Path, round: int, client_id: str) -> dict[str, Tensor]:
+    """An update file's tensors; a truncated or corrupt file is refused with a ValueError naming the client."""
+    try:
+        return load_safetensors(path)
+    except CorruptRoundError as err:
+        raise ValueError(f"Update of {client_id!r} for round {round}: {err} The client must resubmit it.") from None
+
+
 def round_name(round: int) -> str:
     return f"round-{round:04d}"
 
@@ -115,8 +155,9 @@ class RoundStore(ABC):
         """Ids of the clients that submitted an update for `round`."""
 
     @abstractmethod
-    def read_update(self, round: int, client_id: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """A submitted update's tensors and metadata (which includes its sha256)."""
+    def read_update(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """A submitted update's tensors and metadata (which includes its sha256). An update file above
+        `max_bytes` is refused (ValueError) before it is read or downloaded."""
 
     def round_folder(self, round: int) -> Path:
         """A local folder holding a published round's files (adapter_config.json, federation.json, ...)."""
@@ -202,11 +243,14 @@ class LocalStore(RoundStore):
         updates = self.root / "updates"
         return sorted(p.name for p in updates.iterdir() if (p / round_name(round) / "update.json").is_file())
 
-    def read_update(self, round: int, client_id: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def read_update(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         folder = self._update_dir(round, client_id)
-        meta = json.loads((folder / "update.json").read_text())
+        if not (folder / "update.safetensors").is_file():
+            raise ValueError(f"Update of {client_id!r} for round {round} has no update.safetensors; the client must resubmit.")
+        check_update_size((folder / "update.safetensors").stat().st_size, max_bytes, round, client_id)
+        meta = read_update_json((folder / "update.json").read_bytes(), round, client_id)
         check_update_file(folder / "update.safetensors", meta, round, client_id)
-        return load_safetensors(folder / "update.safetensors"), meta
+        return load_update(folder / "update.safetensors", round, client_id), meta
 
 
 def _atomic_write(path: Path, text: str) -> None:
