@@ -138,6 +138,7 @@ def plot_history(path: Path, history: list[dict[str, Any]], title: str, metric_p
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     names = sorted({k for h in history for k in h.get("metrics", {}) if k.startswith(metric_prefix)
@@ -149,6 +150,7 @@ def plot_history(path: Path, history: list[dict[str, Any]], title: str, metric_p
         points = [(h["round"], h["metrics"][name]) for h in history if name in h.get("metrics", {})]
         ax.plot(*zip(*points), marker="o", label=name.removeprefix(metric_prefix))
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
