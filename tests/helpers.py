@@ -54,3 +54,18 @@ def train_locally(client_round, x, y, steps: int = 3, lr: float = 0.1) -> None:
             loss = loss + reg.to(loss.dtype)
         loss.backward()
         opt.step()
+
+
+def isolate_hub_client(monkeypatch, tmp_path, disable_xet: bool = False) -> None:
+    """An online huggingface_hub client with HF_HOME in a temp dir and no ambient token or endpoint;
+    xet left as installed (on) unless `disable_xet` (the plain-LFS upload path). The constants are
+    patched too: huggingface_hub reads these variables once, at import."""
+    from huggingface_hub import constants
+
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_DISABLE_XET"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    if disable_xet:
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", disable_xet)

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from huggingface_hub import HfApi, constants, hf_hub_download
+from helpers import isolate_hub_client
+from huggingface_hub import HfApi, hf_hub_download
 from safetensors.torch import load_file
 from tiny import LABELS, SEQ, VOCAB, token_dataset
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
@@ -43,12 +44,7 @@ WORDS = [f"w{i}" for i in range(len(SPECIALS), VOCAB)]  # the vocabulary is exac
 
 @pytest.fixture(autouse=True)
 def hf_env(monkeypatch, tmp_path):
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    isolate_hub_client(monkeypatch, tmp_path, disable_xet=True)
 
 
 def save_base_model(folder: Path) -> Path:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import isolate_hub_client
 from huggingface_hub import (
     CommitOperationAdd,
     CommitOperationDelete,
@@ -47,12 +48,7 @@ PERMISSIONS = {"carol": ["team/*"], "bob": ["alice/shared"]}
 
 @pytest.fixture(autouse=True)
 def hf_env(monkeypatch, tmp_path):
-    """Online client, HF_HOME in a temp dir, no ambient token, xet left as installed (on)."""
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_DISABLE_XET"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    isolate_hub_client(monkeypatch, tmp_path)
 
 
 def disable_xet(monkeypatch) -> None:

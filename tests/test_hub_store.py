@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import MODULES, TinyNet, make_config, make_model
+from helpers import MODULES, TinyNet, isolate_hub_client, make_config, make_model
 from huggingface_hub import CommitOperationAdd, HfApi, constants, hf_hub_download, snapshot_download
 from peft import PeftModel
 
@@ -39,12 +39,7 @@ CLIENTS = ["alice", "bob", "carol", "mallory"]
 
 @pytest.fixture(autouse=True)
 def hf_env(monkeypatch, tmp_path):
-    """Online client, HF_HOME in a temp dir, no ambient token, xet left as installed (on)."""
-    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "HF_ENDPOINT", "HF_HUB_DISABLE_XET"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    isolate_hub_client(monkeypatch, tmp_path)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tiny import accuracy, tiny_args, tiny_bert, tiny_config, token_dataset
 
-from peft_federated.adapter import effective_weight, lora_layers
+from peft_federated.adapter import lora_layers
 from peft_federated.aggregator import initialize, serve
 from peft_federated.hub_integration import LocalStore
 from peft_federated.trainer import FederatedTrainer, run_simulation, sample_clients

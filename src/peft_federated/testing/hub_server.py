@@ -239,7 +239,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(e if isinstance(e, HubError) else
                         HubError(500, f"Internal server error: {type(e).__name__}: {e}"))
         finally:
-            self.hub.requests.append((self.command, self.path, self._status))
+            if not self._status:  # no response at all (the connection broke): still on the record
+                self.hub.requests.append((self.command, self.path, 0))
         try:
             self._drain()
         except (ConnectionError, TimeoutError, ValueError):
@@ -286,12 +287,18 @@ class _Handler(BaseHTTPRequestHandler):
         for _ in self._iter_body():
             pass
 
+    def _start_response(self, status: int) -> None:
+        """Log the request, then start its response: the log entry is there before the client can
+        see the answer, so a test that asserts on `requests` right after a call never races it."""
+        self._status = status
+        self.hub.requests.append((self.command, self.path, status))
+        self.send_response(status)
+
     def _send(self, status: int, body: bytes | Any = b"", headers: dict[str, str] | None = None,
               content_type: str = "application/json") -> None:
         if not isinstance(body, bytes):
             body = json.dumps(body).encode()
-        self._status = status
-        self.send_response(status)
+        self._start_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         for k, v in (headers or {}).items():
@@ -699,8 +706,7 @@ class _Handler(BaseHTTPRequestHandler):
             status = 206
             headers["Content-Range"] = f"bytes {start}-{end}/{size}"
         length = max(end - start + 1, 0)
-        self._status = status
-        self.send_response(status)
+        self._start_response(status)
         self.send_header("Content-Type", "application/octet-stream")
         self.send_header("Content-Length", str(length))
         for k, v in headers.items():
