@@ -64,6 +64,11 @@ class WeightedMean:
         elif self.total > 0:  # a zero weight while the total is still zero: nothing to move
             self.mean.lerp_(x.to(self.mean.dtype), weight / self.total)
 
+    @property
+    def sum(self) -> Optional[Tensor]:
+        """sum_k w_k x_k (None before the first x), computed from the mean."""
+        return None if self.mean is None else self.mean * self.total
+
     def value(self, dtype: torch.dtype) -> Tensor:
         if self.mean is None:
             raise ValueError("No update was accepted.")

@@ -1,0 +1,235 @@
+"""Regenerate BENCHMARKS.md (repository root) from every benchmarks/results/*.json.
+
+Every number in BENCHMARKS.md comes from those files; nothing is typed by hand. Each section says
+the command that produced it and the machine it ran on.
+
+    .venv/bin/python benchmarks/report.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, RESULTS  # noqa: E402
+
+MiB, KiB = 2**20, 2**10
+
+
+def table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def provenance(data: dict) -> str:
+    m = data["machine"]
+    return (f"Command: `{data['command']}`  \n"
+            f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_gib']} GiB RAM; Python {m['python']}, torch {m['torch']}; "
+            f"{m['date']} (1-min load average {m['load_average_1min']} when written; the machine is shared)")
+
+
+def figures(name: str) -> str:
+    """Links to results/<name>.png and results/<name>_*.png (except another result's own plot)."""
+    mine = [p for p in sorted(RESULTS.glob(f"{name}*.png")) if p.stem == name
+            or (p.stem.startswith(f"{name}_") and not p.with_suffix(".json").exists())]
+    return "\n".join(f"![{p.stem}]({p.relative_to(REPO).as_posix()})" for p in mine)
+
+
+def met(ok: bool) -> str:
+    return "met" if ok else "**missed**"
+
+
+# ---- one renderer per benchmark script -----------------------------------------------------------------
+def aggregation(data: dict) -> str:
+    bw = data["bandwidth"]
+    adapter = data["adapter_bytes"]
+    out = [
+        f"FedAvg of K client updates shaped like a Llama-2-7B LoRA adapter ({data['adapter_parameters']:,} parameters, "
+        f"{data['dtype']}, {adapter / MiB:.1f} MiB per safetensors file), each method in a fresh process, "
+        f"{data['threads']} torch thread(s), fastest of {data['repeats']} runs (median beside it); Flower {data['flwr_version']}.",
+        "",
+        "Bandwidths measured in the same run: page-cache sequential read "
+        + ", ".join(f"{v / 1e9:.1f} GB/s (K = {k})" for k, v in bw["page_cache_read_bytes_per_s"].items())
+        + f"; in-memory read (sum) {bw['sum_bytes_per_s'] / 1e9:.1f} GB/s, memcpy {bw['memcpy_bytes_per_s'] / 1e9:.1f} GB/s. "
+        f"Bound = {bw['bound']}: " + ", ".join(f"{v / 1e9:.1f} GB/s (K = {k})" for k, v in bw["bound_bytes_per_s"].items()) + ".",
+        "",
+    ]
+    out += [
+        "Methods: `ours` = the library's streaming path (`get_strategy(config).aggregator(state)`, `accept()` one update "
+        "at a time, each file loaded as it goes, update validation included); `ours_store` = the same through "
+        "`LocalStore.read_update`, which also checks each file's sha256 (what `aggregate_round` does); `flower` = "
+        "`flwr.server.strategy.aggregate.aggregate` over numpy arrays of every update; `flower_message` = "
+        "`aggregate_arrayrecords`, what Flower's current (Message API) FedAvg calls; `naive` = load every file, "
+        "stack each tensor over clients, weighted mean. Peak RSS counts the touched pages of memory-mapped files "
+        "(safetensors loads by mmap): naive's grows with K because it maps every file at once. `result vs ours`: "
+        "relative difference of the sum and sum of squares of the averaged tensors.",
+        "",
+    ]
+    if data["dtype"] != "float32":
+        out[-1:] = [f"Flower works in float32 (numpy has no {data['dtype']}): its runs convert every update on load and "
+                    f"return float32, while ours and naive round the mean to {data['dtype']}; that rounding is its "
+                    "difference to ours.", ""]
+    rows = []
+    for r in data["runs"]:
+        if "skipped" in r:
+            rows.append([r["clients"], r["method"], "skipped", "", "", r["skipped"], ""])
+            continue
+        rows.append([
+            r["clients"], r["method"], f"{r['seconds']:.2f} ({r['seconds_median']:.2f})",
+            f"{r['throughput_bytes_per_s'] / 1e9:.2f}", f"{100 * r['fraction_of_bound']:.0f}%",
+            f"{r['peak_above_baseline_bytes'] / MiB:,.0f} ({r['peak_above_baseline_adapters']:.1f}x)",
+            f"{r.get('relative_difference_to_ours', 0):.1e}",
+        ])
+    out.append(table(["K", "method", "wall s (median)", "GB/s", "of bound", "peak RSS above baseline, MiB (adapters)",
+                      "result vs ours (rel.)"], rows))
+    ours = [r for r in data["runs"] if r["method"] == "ours" and "seconds" in r]
+    t = data["targets"]
+    target_rows = []
+    for r in ours:
+        speed = r.get("speedup_vs_naive")
+        target_rows.append([
+            r["clients"],
+            f"{100 * r['fraction_of_bound']:.0f}% ({met(r['fraction_of_bound'] >= t['fraction_of_bound'])})",
+            f"{r['peak_above_baseline_adapters']:.2f}x ({met(r['peak_above_baseline_adapters'] < t['peak_above_baseline_adapters'])})",
+            f"{speed:.1f}x ({met(speed >= t['speedup_vs_naive'])})" if speed else "n/a",
+            *(f"{r[k]:.1f}x" if k in r else "n/a" for k in ("speedup_vs_flower", "speedup_vs_flower_message")),
+        ])
+    if b := data.get("ours_breakdown"):
+        per = b["seconds_per_client"]
+        out += ["", f"Where `ours` spends its time (K = {b['clients']}, its steps timed one by one, ms per client): "
+                + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in per.items() if k != "result")
+                + f"; result() once {1e3 * per['result'] * b['clients']:.0f} ms. "
+                f"Reading one adapter at the bound would take {1e3 * adapter / min(bw['bound_bytes_per_s'].values()):.1f} ms."]
+    out += ["", "Targets for `ours` (the library's streaming path):", "",
+            table(["K", f">= {100 * t['fraction_of_bound']:.0f}% of bound", f"peak < {t['peak_above_baseline_adapters']:.0f} adapters",
+                   f">= {t['speedup_vs_naive']:.0f}x faster than naive", "vs flower", "vs flower_message"], target_rows)]
+    return "\n".join(out)
+
+
+def communication(data: dict) -> str:
+    c = data["communication"]
+    out = [
+        f"{data['model']}, LoRA rank {data['rank']} on query/value plus the 3-class head (uploaded by every strategy). "
+        f"{c['clients']} clients, {c['rounds']} rounds of {c['local_steps']} local steps; HetLoRA client ranks "
+        f"{c['hetlora_client_ranks']}. Mean bytes per client per round, measured as file sizes at a LocalStore.",
+        "",
+    ]
+    rows = []
+    for r in c["summary"]:
+        rows.append([
+            r["strategy"], f"{r['upload_lora_bytes'] / KiB:.1f}", f"{r.get('upload_lora_vs_fedit', float('nan')):.2f}",
+            f"{r['upload_other_bytes'] / KiB:.1f}", f"{r['upload_file_bytes'] / KiB:.1f}", f"{r.get('upload_file_vs_fedit', float('nan')):.2f}",
+            f"{r['download_lora_bytes'] / KiB:.1f}", f"{r['download_lora_bytes_last_round'] / KiB:.1f}", f"{r['download_file_bytes'] / KiB:.1f}",
+        ])
+    out.append(table(["strategy", "upload LoRA KiB", "vs FedIT", "upload head KiB", "upload files KiB", "files vs FedIT",
+                      "download LoRA KiB", "download LoRA KiB, last round", "download files KiB"], rows))
+    het = next((r for r in c["summary"] if "upload_lora_bytes_per_rank" in r), None)
+    if het:
+        per_rank = ", ".join(f"{v:,.0f}" for v in het["upload_lora_bytes_per_rank"])
+        out += ["", f"HetLoRA: LoRA upload bytes divided by the client's rank, over every upload: {per_rank} "
+                    "(one value: upload proportional to rank)."]
+    o = data["overhead"]
+    if o["strategies"]:
+        rows = [[s["strategy"], len(s["rounds"]), f"{s['wall_s'] / len(s['rounds']):.2f}", f"{s['steps_s'] / len(s['rounds']):.2f}",
+                 f"{100 * s['overhead_share']:.1f}% ({met(s['overhead_share'] < o['target_share'])})",
+                 f"{100 * s['outside_train_loop_share']:.1f}%"] for s in o["strategies"]]
+        out += ["", f"Federation overhead in `run_simulation` ({o['setting']}; torch threads {data['torch_threads']}): "
+                    "round wall time minus time inside training steps, as a share of the round "
+                    f"(target < {100 * o['target_share']:.0f}%). The last column counts only what lies outside "
+                    "Trainer.train's loop (on_train_begin to on_train_end): each client round's Trainer setup, the "
+                    "strategy's client setup and payload, aggregation and publishing.",
+                "",
+                table(["strategy", "rounds", "round s", "in steps s", "outside steps", "outside Trainer.train loop"], rows)]
+    return "\n".join(out)
+
+
+def rank1_regression(data: dict) -> str:
+    s = data["setting"]
+    out = [
+        f"d = {s['d']}, m = {s['m']}, {s['clients']} clients, heterogeneity h = {s['heterogeneity']}, noise {s['noise']}, "
+        f"{s['local_steps']} local gradient steps of rate {s['lr']}, {s['rounds']} rounds; median over {s['seeds']} seeds. "
+        "The federated loss includes what no shared rank-1 model can fit (the heads differ).",
+    ]
+    for label, setting in data["settings"].items():
+        rows = [[m, f"{r['sin_angle_median'][0]:.3f}", f"{r['final_sin_angle']:.2e}", f"{r['final_relative_error']:.2e}",
+                 f"{r['final_federated_loss']:.5f}",
+                 r["first_round_sin_below_1e-3"] if r["first_round_sin_below_1e-3"] is not None else "never"]
+                for m, r in setting["methods"].items()]
+        out += ["", f"{label}:", "", table(["method", "sin(angle) at start", "sin(angle) at end", "rel. error at end",
+                                             "federated loss at end", "first round sin < 1e-3"], rows)]
+    return "\n".join(out)
+
+
+def _mean_std(mean: float, std: float | None) -> str:
+    return f"{mean:.3f}" + (f" ± {std:.3f}" if std is not None else "")
+
+
+def quality(data: dict) -> str:
+    st, runs = data["settings"], data["runs"]
+    out = [
+        f"all-MiniLM-L6-v2 + LoRA on query/value, Twitter sentiment ({st['train_examples']} training tweets, "
+        f"{st['eval_examples']} held out), {st['rounds']} rounds, {st['clients_per_round']} clients per round x "
+        f"{st['local_steps']} local steps, lr {st['lr']}; centralized = a plain Trainer on the pooled data for the same "
+        f"number of optimizer steps. Final round; mean ± sample std over seeds where there are several. "
+        f"{len(runs)} runs recorded" + (" (a --quick smoke run: not a result)." if st.get("quick") else "."),
+        "",
+    ]
+    rows = [[r["alpha"] if r["alpha"] is not None else "pooled", r["rank"], r["clients"], r["method"], r["seeds"],
+             _mean_std(r["accuracy_mean"], r["accuracy_std"]), _mean_std(r["macro_f1_mean"], r["macro_f1_std"])]
+            for r in data["summary"]]
+    out.append(table(["Dirichlet alpha", "rank", "clients", "method", "seeds", "accuracy", "macro-F1"], rows))
+    return "\n".join(out)
+
+
+def digits(data: dict) -> str:
+    st = data["settings"]
+    pre = data["pretrained_on_0_4_accuracy_all_digits"]
+    out = [
+        f"MLP pretrained on the digits 0-4, then LoRA r={st['rank']} (fc1, fc2; head trained in full) fine-tuned to all ten "
+        f"digits by {st['clients']} clients with Dirichlet alpha={st['alpha']}, {st['rounds']} rounds of "
+        f"{st['clients_per_round']} clients x {st['local_steps']} local steps, lr {st['lr']}. Test accuracy before "
+        f"federation: {statistics.fmean(pre):.3f}. Final round, mean ± sample std over {st['seeds']} seed(s)"
+        + (" (a --quick smoke run: not a result)." if st.get("quick") else "."),
+        "",
+        table(["method", "seeds", "accuracy"], [[r["method"], r["seeds"], _mean_std(r["accuracy_mean"], r["accuracy_std"])]
+                                                for r in data["summary"]]),
+    ]
+    return "\n".join(out)
+
+
+RENDERERS: dict[str, tuple[str | Callable[[dict], str], Callable[[dict], str]]] = {
+    "aggregation": (lambda d: f"Server-side aggregation, {d['dtype']} updates", aggregation),
+    "communication": ("Communication and federation overhead", communication),
+    "rank1_regression": ("Rank-1 federated regression (RoLoRA's linear analysis)", rank1_regression),
+    "quality": ("Algorithm quality: federated sentiment with every strategy", quality),
+    "digits": ("Algorithm quality: a pretrained MLP fine-tuned on digits", digits),
+}
+
+
+def main() -> None:
+    parts = [
+        "# Benchmarks",
+        "",
+        "Generated by `.venv/bin/python benchmarks/report.py` from `benchmarks/results/*.json`: do not edit by hand, "
+        "re-run the benchmark and the report. How to run each benchmark: [benchmarks/README.md](benchmarks/README.md). "
+        "Speed claims are ratios against a baseline measured in the same run.",
+    ]
+    for path in sorted(RESULTS.glob("*.json")):
+        data = json.loads(path.read_text())
+        title, render = RENDERERS.get(data.get("script", data["benchmark"]), (data["benchmark"], None))
+        title = title(data) if callable(title) else title
+        body = render(data) if render else "(No table yet: add a renderer for this script to `benchmarks/report.py`.)"
+        parts += ["", f"## {title} (`{path.relative_to(REPO).as_posix()}`)", "", provenance(data), "", body]
+        if pics := figures(data["benchmark"]):
+            parts += ["", pics]
+    (REPO / "BENCHMARKS.md").write_text("\n".join(parts) + "\n")
+    print(f"wrote {REPO / 'BENCHMARKS.md'}")
+
+
+if __name__ == "__main__":
+    main()
