@@ -7,7 +7,7 @@ as all clients of the federation together) is the ceiling. The headline setting 
 runs over several seeds; a few-clients setting (3 clients, alpha 0.1) tests whether the methods
 then come close, as the RoLoRA paper says.
 
-    .venv/bin/python benchmarks/quality.py            # about 2 hours on the 2-core CPU
+    .venv/bin/python benchmarks/quality.py            # estimated 2 to 3 hours on the 2-core CPU
     .venv/bin/python benchmarks/quality.py --quick    # a smoke run of a few minutes
 
 Each finished run is saved at once to results/quality.json; a rerun skips the runs already there
