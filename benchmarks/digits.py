@@ -5,7 +5,7 @@ it with LoRA on fc1 and fc2 (the output layer (head) trained in full and average
 10 clients with Dirichlet label skew. Every method gets the same rounds, clients per round and local
 steps; accuracy on the held-out digits per round, over several seeds.
 
-    .venv/bin/python benchmarks/digits.py            # estimated 15 to 30 minutes on the 2-core CPU
+    .venv/bin/python benchmarks/digits.py            # about 2 minutes on the 2-core CPU
     .venv/bin/python benchmarks/digits.py --quick    # a smoke run
 """
 
