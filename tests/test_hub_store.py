@@ -151,6 +151,8 @@ def test_a_round_is_published_once_and_in_order(fed):
     with pytest.raises(ValueError, match="the next round in .* is 1"):
         store.publish_round(state, cfg, {})
     assert store.latest_round() == 0 and [h["round"] for h in store.history()] == [0]
+    if isinstance(store, LocalStore):  # no half-written round left behind
+        assert not list(store.root.glob(".publish-*"))
 
 
 def test_client_ids_with_path_characters_are_refused(fed):

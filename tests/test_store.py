@@ -10,7 +10,7 @@ from peft import PeftModel
 
 from peft_federated import get_strategy
 from peft_federated.aggregator import initialize
-from peft_federated.hub_integration import LocalStore, RoundAlreadyPublishedError, check_client_id
+from peft_federated.hub_integration import LocalStore, check_client_id
 
 
 @pytest.fixture
@@ -36,17 +36,6 @@ def test_round_zero_is_a_plain_peft_folder(fed):
     assert store.latest_round() == 0
     PeftModel.from_pretrained(TinyNet(), store.round_path(0))
     assert (store.round_path(0) / "README.md").read_text().startswith("---\nlibrary_name: peft")
-
-
-def test_a_round_is_published_once(fed):
-    cfg, store, _ = fed
-    state, _ = store.read_round(0)
-    with pytest.raises(RoundAlreadyPublishedError):
-        store.publish_round(state, cfg, {})
-    state.round = 5
-    with pytest.raises(ValueError, match="the next round in .* is 1"):
-        store.publish_round(state, cfg, {})
-    assert store.latest_round() == 0 and not list(store.root.glob(".publish-*"))
 
 
 @pytest.mark.parametrize("bad", ["../evil", "a/b", "a\\b", "", ".hidden", "x" * 97, "a..b", None])
