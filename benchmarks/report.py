@@ -176,7 +176,8 @@ def quality(data: dict) -> str:
         f"{st['eval_examples']} held out), {st['rounds']} rounds, {st['clients_per_round']} clients per round x "
         f"{st['local_steps']} local steps, lr {st['lr']}; centralized = a plain Trainer on the pooled data for the same "
         f"number of optimizer steps. Final round; mean ± sample std over seeds where there are several. "
-        f"{len(runs)} runs recorded" + (" (a --quick smoke run: not a result)." if st.get("quick") else "."),
+        f"{len(runs)} runs recorded" + (" (a --quick smoke run: not a result)." if st.get("quick") else ".")
+        + (f" PARTIAL: {data['partial']}." if data.get("partial") else ""),
         "",
     ]
     rows = [[r["alpha"] if r["alpha"] is not None else "pooled", r["rank"], r["clients"], r["method"], r["seeds"],
