@@ -80,7 +80,7 @@ def aggregate_round(
                     f"its change has L2 norm {norm:.4g}, above norm_outlier_factor={config.norm_outlier_factor:g} x the "
                     f"round's median norm ({bound / config.norm_outlier_factor:.4g}). Check the client's data and "
                     "learning rate, or raise norm_outlier_factor."))
-            aggregator.accept(tensors, meta.get("num_samples"), client_id)
+            aggregator.accept(tensors, meta.get("num_samples"), client_id, norm=norm)
         except (InvalidUpdateError, ValueError) as err:
             refused.append({"client_id": client_id, "reason": str(err)})
             logger.warning("%s", err)

@@ -139,19 +139,21 @@ class Aggregator:
         """The L2 norm of a (checked) update's change from the tensors the client started from."""
         return change_norm(update, self.strategy.client_start(self.state, client_id, rank))
 
-    def accept(self, update: dict[str, Tensor], num_samples: int, client_id: str) -> None:
+    def accept(self, update: dict[str, Tensor], num_samples: int, client_id: str, norm: Optional[float] = None) -> None:
         """Validate one client's update and fold it in. A rejected update changes nothing.
 
         With `max_update_norm`, an update whose change is larger is refused, or clipped to that norm
-        with `clip_updates`."""
+        with `clip_updates`. `norm`: the update's `change_norm`, if the caller already measured it."""
         if client_id in self.clients:
             raise ValueError(f"Client {client_id!r} already contributed to round {self.state.round}; an update counts once.")
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"Client {client_id!r}: num_samples must be a positive integer, got {num_samples!r}.")
         s, bound = self.strategy, self.strategy.config.max_update_norm
         rank = self.check(update, client_id)
-        norm = None if bound is None else self.change_norm(update, client_id, rank)
-        clipped = norm is not None and norm > bound
+        start = s.client_start(self.state, client_id, rank) if bound is not None else None
+        if start is not None and norm is None:
+            norm = change_norm(update, start)
+        clipped = bound is not None and norm > bound
         if clipped and not s.config.clip_updates:
             raise InvalidUpdateError(
                 client_id, self.state.round,
@@ -159,7 +161,7 @@ class Aggregator:
                 "rate or local steps, or raise the bound (or set clip_updates=True).",
             )
         if clipped:
-            update = clip_change(update, s.client_start(self.state, client_id, rank), norm, bound)
+            update = clip_change(update, start, norm, bound)
         weight = s.weight(num_samples)
         for module, agg in self.modules.items():
             agg.accept(update.get(lora_key(module, "lora_A")), update.get(lora_key(module, "lora_B")), weight)
