@@ -28,10 +28,11 @@ def aggregate_round(
     Each update is refused, with its reason in the round's `refused` metadata, when: its client is
     not registered; its file is above `max_update_bytes` (unread); it does not match its sha256; it
     was trained from another round or base commit; it fails the strategy's checks (names, shapes,
-    ranks, dtypes, finite values, `max_update_norm`); its bytes repeat an accepted update (an update
-    counts once); or, with `norm_outlier_factor` and at least 3 valid updates, its change-norm is
-    above that factor times the round's median norm. The median comes from a first pass that reads
-    each update and keeps only its norm, so memory stays at one update, as in the accept pass.
+    ranks, dtypes, finite values, `max_update_norm`); its bytes repeat an earlier client's update (an
+    update counts once); or, with `norm_outlier_factor` and at least 3 valid updates, its change-norm is
+    above that factor times the round's median norm. The updates are aggregated from their files
+    module by module (`Aggregator.accept_files`); the norms, where a setting needs them, come from a
+    first pass that reads each update and keeps only its norm. Memory stays near one update.
     Accepted updates are listed in `contributions` with their sha256: anyone can re-verify the round.
     Returns the published round, or None when no valid update was there.
     """
@@ -45,48 +46,56 @@ def aggregate_round(
         else:
             refused.append({"client_id": client_id, "reason": "not a registered client of this federation"})
 
-    def read_checked(aggregator, client_id: str) -> tuple[dict, dict, float]:
-        """A valid update, its metadata and its change-norm; raises InvalidUpdateError or ValueError."""
-        tensors, meta = store.read_update(state.round, client_id, max_bytes=config.max_update_bytes)
-        if meta.get("client_id") != client_id or meta.get("round") != state.round:
-            raise InvalidUpdateError(client_id, state.round, f"its update.json is for client {meta.get('client_id')!r}, "
-                                     f"round {meta.get('round')!r}: a client submits only its own update, in that round's folder")
-        if meta.get("base_round") != state.round:
-            raise InvalidUpdateError(client_id, state.round, f"it was trained from round {meta.get('base_round')}; "
-                                     f"the client must train from round {state.round}")
-        return tensors, meta, aggregator.change_norm(tensors, client_id, aggregator.check(tensors, client_id))
+    def refuse(client_id: str, err: Exception) -> None:
+        refused.append({"client_id": client_id, "reason": str(err)})
+        logger.warning("%s", err)
 
-    bound = None
-    if config.norm_outlier_factor is not None and len(submitted) >= 3:
-        probe, norms = strategy.aggregator(state), []
-        for client_id in submitted:
-            try:
-                norms.append(read_checked(probe, client_id)[2])
-            except (InvalidUpdateError, ValueError):
-                pass  # refused with its reason in the accept pass
-        if len(norms) >= 3:
-            bound = config.norm_outlier_factor * statistics.median(norms)
-
-    aggregator = strategy.aggregator(state)
-    contributions, accepted = [], {}
+    files, metas, first_of = [], {}, {}
     for client_id in submitted:
         try:
-            tensors, meta, norm = read_checked(aggregator, client_id)
-            if meta.get("sha256") in accepted:
+            path, meta = store.update_file(state.round, client_id, max_bytes=config.max_update_bytes)
+            if meta.get("client_id") != client_id or meta.get("round") != state.round:
+                raise InvalidUpdateError(client_id, state.round, f"its update.json is for client {meta.get('client_id')!r}, "
+                                         f"round {meta.get('round')!r}: a client submits only its own update, in that round's folder")
+            if meta.get("base_round") != state.round:
+                raise InvalidUpdateError(client_id, state.round, f"it was trained from round {meta.get('base_round')}; "
+                                         f"the client must train from round {state.round}")
+            if meta.get("sha256") in first_of:
                 raise ValueError(f"Update of {client_id!r} for round {state.round} is byte for byte the update of "
-                                 f"{accepted[meta['sha256']]!r}: an update counts once.")
-            if bound is not None and norm > bound:
-                raise InvalidUpdateError(client_id, state.round, (
-                    f"its change has L2 norm {norm:.4g}, above norm_outlier_factor={config.norm_outlier_factor:g} x the "
-                    f"round's median norm ({bound / config.norm_outlier_factor:.4g}). Check the client's data and "
-                    "learning rate, or raise norm_outlier_factor."))
-            aggregator.accept(tensors, meta.get("num_samples"), client_id, norm=norm)
+                                 f"{first_of[meta['sha256']]!r}: an update counts once.")
         except (InvalidUpdateError, ValueError) as err:
-            refused.append({"client_id": client_id, "reason": str(err)})
-            logger.warning("%s", err)
+            refuse(client_id, err)
             continue
-        accepted[meta["sha256"]] = client_id
-        contributions.append({k: meta.get(k) for k in ("client_id", "num_samples", "sha256", "metrics")} | {"norm": norm})
+        first_of[meta["sha256"]] = client_id
+        files.append((client_id, path, meta.get("num_samples")))
+        metas[client_id] = meta
+
+    aggregator = strategy.aggregator(state)
+    opened, bad = aggregator.open_files(files)
+    updates = opened
+    try:
+        outliers = config.norm_outlier_factor is not None and len(updates) >= 3
+        if outliers or config.max_update_norm is not None:  # the norms are needed before anything is folded in
+            bad |= aggregator.measure_files(updates)
+            updates = [u for u in updates if u.client_id not in bad]
+        if outliers and len(updates) >= 3:
+            bound = config.norm_outlier_factor * statistics.median(u.norm for u in updates)
+            for u in updates:
+                if u.norm > bound:
+                    bad[u.client_id] = InvalidUpdateError(u.client_id, state.round, (
+                        f"its change has L2 norm {u.norm:.4g}, above norm_outlier_factor={config.norm_outlier_factor:g} x the "
+                        f"round's median norm ({bound / config.norm_outlier_factor:.4g}). Check the client's data and "
+                        "learning rate, or raise norm_outlier_factor."))
+            updates = [u for u in updates if u.client_id not in bad]
+        bad |= aggregator.accept_opened(updates)
+    finally:
+        for u in opened:
+            u.file.close()
+    for client_id, _, _ in files:
+        if client_id in bad:
+            refuse(client_id, bad[client_id])
+    contributions = [{k: metas[c].get(k) for k in ("client_id", "num_samples", "sha256", "metrics")} | {"norm": info["norm"]}
+                     for c, info in aggregator.clients.items()]
     if not contributions:
         return None
     new = aggregator.result()

@@ -56,7 +56,7 @@ from peft_federated.hub_integration.layout import (
 from peft_federated.hub_integration.model_card import write_model_card
 from peft_federated.hub_integration.store import (
     RoundAlreadyPublishedError, RoundStore, check_client_id, check_update_file, check_update_size, crash_point,
-    load_update, read_update_json, round_name, update_record,
+    read_update_json, round_name, update_record,
 )
 from peft_federated.state import GlobalState
 
@@ -270,7 +270,7 @@ class HubStore(RoundStore):
         return [c for c in self.clients
                 if self._call(f"look for {path} in", self.update_repo(c), self.api.file_exists, self.update_repo(c), path)]
 
-    def read_update(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def update_file(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
         repo, folder = self.update_repo(client_id), round_name(round)
         head = self._call("read", repo, self.api.repo_info, repo).sha  # both files from one upload, even mid-resubmission
         weights = f"{folder}/update.safetensors"
@@ -287,7 +287,7 @@ class HubStore(RoundStore):
             raise ValueError(f"Update of {client_id!r} for round {round} was trained from commit {meta.get('base_commit')} "
                              f"of {self.repo_id!r}, not from round {round}'s {self._commit(round)}: it belongs to "
                              "another run of the federation.")
-        return load_update(path, round, client_id), meta
+        return path, meta
 
     # ---- requests -------------------------------------------------------------------------------
     def _download(self, repo_id: str, filename: str, revision: str) -> Path:

@@ -155,9 +155,15 @@ class RoundStore(ABC):
         """Ids of the clients that submitted an update for `round`."""
 
     @abstractmethod
+    def update_file(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
+        """A local path to a submitted update's safetensors file, checked against the sha256 in its
+        metadata, and that metadata. An update file above `max_bytes` is refused (ValueError) before it
+        is read or downloaded; so is one that does not match its sha256."""
+
     def read_update(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """A submitted update's tensors and metadata (which includes its sha256). An update file above
-        `max_bytes` is refused (ValueError) before it is read or downloaded."""
+        """A submitted update's tensors and metadata (see `update_file`)."""
+        path, meta = self.update_file(round, client_id, max_bytes)
+        return load_update(path, round, client_id), meta
 
     def round_folder(self, round: int) -> Path:
         """A local folder holding a published round's files (adapter_config.json, federation.json, ...)."""
@@ -243,14 +249,14 @@ class LocalStore(RoundStore):
         updates = self.root / "updates"
         return sorted(p.name for p in updates.iterdir() if (p / round_name(round) / "update.json").is_file())
 
-    def read_update(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    def update_file(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
         folder = self._update_dir(round, client_id)
         if not (folder / "update.safetensors").is_file():
             raise ValueError(f"Update of {client_id!r} for round {round} has no update.safetensors; the client must resubmit.")
         check_update_size((folder / "update.safetensors").stat().st_size, max_bytes, round, client_id)
         meta = read_update_json((folder / "update.json").read_bytes(), round, client_id)
         check_update_file(folder / "update.safetensors", meta, round, client_id)
-        return load_update(folder / "update.safetensors", round, client_id), meta
+        return folder / "update.safetensors", meta
 
 
 def _atomic_write(path: Path, text: str) -> None:

@@ -13,16 +13,18 @@ does not grow with the number of clients.
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from peft_federated import adapter
 from peft_federated.state import GlobalState, LowRank, lora_key, lora_modules
-from peft_federated.strategies.validation import InvalidUpdateError, change_norm, check_update, clip_change
+from peft_federated.strategies.validation import InvalidUpdateError, all_finite, change_norm, check_update, clip_change
+from peft_federated.update_file import UpdateFile
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -120,9 +122,12 @@ class Aggregator:
 
     def __init__(self, strategy: "Strategy", state: GlobalState) -> None:
         self.strategy, self.state = strategy, state
-        self.modules = {m: strategy.module_aggregator_cls(strategy, state, m) for m in state.modules()}
-        self.extras = {k: WeightedMean() for k in state.extra_keys()}
         self.clients: dict[str, dict] = {}
+        self._reset()
+
+    def _reset(self) -> None:
+        self.modules = {m: self.strategy.module_aggregator_cls(self.strategy, self.state, m) for m in self.state.modules()}
+        self.extras = {k: WeightedMean() for k in self.state.extra_keys()}
 
     def check(self, update: dict[str, Tensor], client_id: str) -> int:
         """Validate an update without folding it in; its rank. Raises `InvalidUpdateError`."""
@@ -144,22 +149,15 @@ class Aggregator:
 
         With `max_update_norm`, an update whose change is larger is refused, or clipped to that norm
         with `clip_updates`. `norm`: the update's `change_norm`, if the caller already measured it."""
-        if client_id in self.clients:
-            raise ValueError(f"Client {client_id!r} already contributed to round {self.state.round}; an update counts once.")
-        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"Client {client_id!r}: num_samples must be a positive integer, got {num_samples!r}.")
+        self._check_new(client_id, num_samples)
         s, bound = self.strategy, self.strategy.config.max_update_norm
         rank = self.check(update, client_id)
         start = s.client_start(self.state, client_id, rank) if bound is not None else None
         if start is not None and norm is None:
             norm = change_norm(update, start)
         clipped = bound is not None and norm > bound
-        if clipped and not s.config.clip_updates:
-            raise InvalidUpdateError(
-                client_id, self.state.round,
-                f"its change has L2 norm {norm:.4g}, above max_update_norm={bound:.4g}. Lower the client's learning "
-                "rate or local steps, or raise the bound (or set clip_updates=True).",
-            )
+        if (error := self._refuse_norm(client_id, norm)) is not None:
+            raise error
         if clipped:
             update = clip_change(update, start, norm, bound)
         weight = s.weight(num_samples)
@@ -168,6 +166,128 @@ class Aggregator:
         for key, mean in self.extras.items():
             mean.add(update[key], weight)
         self.clients[client_id] = {"num_samples": num_samples, "weight": weight, "rank": rank, "norm": norm, "clipped": clipped}
+
+    def _check_new(self, client_id: str, num_samples: int) -> None:
+        if client_id in self.clients:
+            raise ValueError(f"Client {client_id!r} already contributed to round {self.state.round}; an update counts once.")
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"Client {client_id!r}: num_samples must be a positive integer, got {num_samples!r}.")
+
+    def _refuse_norm(self, client_id: str, norm: float) -> Optional[InvalidUpdateError]:
+        """The refusal of a change-norm above `max_update_norm` (None when it passes or is clipped)."""
+        bound = self.strategy.config.max_update_norm
+        if bound is None or norm <= bound or self.strategy.config.clip_updates:
+            return None
+        return InvalidUpdateError(
+            client_id, self.state.round,
+            f"its change has L2 norm {norm:.4g}, above max_update_norm={bound:.4g}. Lower the client's learning "
+            "rate or local steps, or raise the bound (or set clip_updates=True).",
+        )
+
+    # ---- many files at once, module by module ------------------------------------------------------
+    def open_files(self, files: Sequence[tuple[str, "str | os.PathLike", int]]) -> tuple[list["FileUpdate"], dict[str, Exception]]:
+        """Open (client_id, path, num_samples) update files and check what their headers say (names,
+        ranks, shapes, dtypes) without reading any value: the valid ones, and the refused with why."""
+        opened, refused = [], {}
+        for client_id, path, num_samples in files:
+            try:
+                if any(f.client_id == client_id for f in opened):
+                    raise ValueError(f"Client {client_id!r} is listed twice for round {self.state.round}; an update counts once.")
+                self._check_new(client_id, num_samples)
+                file = UpdateFile(path, client_id, self.state.round)
+            except (InvalidUpdateError, ValueError, OSError) as err:
+                refused[client_id] = err
+                continue
+            try:
+                rank = self.check(file.specs, client_id)
+            except InvalidUpdateError as err:
+                file.close()
+                refused[client_id] = err
+                continue
+            opened.append(FileUpdate(client_id, file, num_samples, rank, self.strategy.weight(num_samples)))
+        return opened, refused
+
+    def measure_files(self, updates: list["FileUpdate"]) -> dict[str, Exception]:
+        """Read every value of each opened update once, client by client: refuse non-finite values and
+        record each update's change-norm (`FileUpdate.norm`). Memory: one update's start tensors."""
+        refused = {}
+        for u in updates:
+            start = self.strategy.client_start(self.state, u.client_id, u.rank)
+            total = 0.0
+            try:
+                for key in u.file.specs:
+                    value = u.read(key)
+                    total += float(torch.sum((value.double() - start[key].double()) ** 2))
+            except InvalidUpdateError as err:
+                refused[u.client_id] = err
+                continue
+            u.norm, u.checked = total**0.5, True
+        return refused
+
+    def accept_files(self, files: Sequence[tuple[str, "str | os.PathLike", int]]) -> dict[str, Exception]:
+        """Fold in several clients' update files at once; the refused clients and why (nothing of theirs
+        is folded in, nothing is raised for them).
+
+        The result is bit for bit that of `accept` on each file in turn, but the work goes module by
+        module: each module's running aggregate stays in the CPU cache while every client's copy of
+        that module is read from its file (`UpdateFile`), so the files stream through memory about
+        once and nothing is memory-mapped. Values are checked as they are read; a client whose
+        values turn out non-finite is dropped and the fold restarts without it, so it leaves no trace
+        (a first, client-by-client pass checks them instead when `max_update_norm` needs the norms
+        first, or when this aggregator already holds updates).
+        """
+        updates, refused = self.open_files(files)
+        try:
+            return {**refused, **self.accept_opened(updates)}
+        finally:
+            for u in updates:
+                u.file.close()
+
+    def accept_opened(self, updates: list["FileUpdate"]) -> dict[str, Exception]:
+        """`accept_files` for updates already opened (and perhaps measured) with `open_files`."""
+        refused: dict[str, Exception] = {}
+        bound = self.strategy.config.max_update_norm
+        if (bound is not None or self.clients) and not all(u.checked for u in updates):
+            refused.update(self.measure_files([u for u in updates if not u.checked]))
+        live = []
+        for u in updates:
+            error = refused.get(u.client_id) or (self._refuse_norm(u.client_id, u.norm) if u.checked else None)
+            if error is None:
+                live.append(u)
+            else:
+                refused[u.client_id] = error
+        while live:
+            try:
+                self._fold(live)
+                break
+            except InvalidUpdateError as err:  # only before any update was accepted: start again without it
+                refused[err.client_id] = err
+                live = [u for u in live if u.client_id != err.client_id]
+                self._reset()
+        for u in live:
+            clipped = bound is not None and u.norm > bound
+            self.clients[u.client_id] = {"num_samples": u.num_samples, "weight": u.weight, "rank": u.rank,
+                                         "norm": u.norm, "clipped": clipped}
+        return refused
+
+    def _fold(self, updates: list["FileUpdate"]) -> None:
+        bound = self.strategy.config.max_update_norm
+        clip = {u.client_id: self.strategy.client_start(self.state, u.client_id, u.rank)
+                for u in updates if bound is not None and u.norm > bound}
+
+        def read(u: "FileUpdate", keys: tuple[str, ...]) -> list[Optional[Tensor]]:
+            values = {k: u.read(k) for k in keys if k in u.file.specs}
+            if u.client_id in clip:
+                values = clip_change(values, clip[u.client_id], u.norm, bound)
+            return [values.get(k) for k in keys]
+
+        for module, agg in self.modules.items():
+            keys = (lora_key(module, "lora_A"), lora_key(module, "lora_B"))
+            for u in updates:
+                agg.accept(*read(u, keys), u.weight)
+        for key, mean in self.extras.items():
+            for u in updates:
+                mean.add(*read(u, (key,)), u.weight)
 
     def result(self) -> GlobalState:
         """The next global state: round + 1, aggregated factors, the base change folded into base_delta."""
@@ -189,6 +309,28 @@ class Aggregator:
             base_delta=base_delta,
             strategy_state=self.strategy.next_strategy_state(self.state, self.clients),
         )
+
+
+@dataclass
+class FileUpdate:
+    """One client's update file opened for `Aggregator.accept_opened`."""
+
+    client_id: str
+    file: UpdateFile
+    num_samples: int
+    rank: int
+    weight: float
+    norm: Optional[float] = None  # change-norm, once measured
+    checked: bool = False  # every value read and found finite
+
+    def read(self, key: str) -> Tensor:
+        try:
+            value = self.file.read(key)
+        except ValueError as err:  # the file changed under us (truncated since it was opened)
+            raise InvalidUpdateError(self.client_id, self.file.round, str(err)) from None
+        if not self.checked and not all_finite(value):
+            raise InvalidUpdateError(self.client_id, self.file.round, f"{key} holds NaN or Inf values.")
+        return value
 
 
 @dataclass

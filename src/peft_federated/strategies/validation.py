@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from peft_federated.state import GlobalState, lora_key, parse_lora_key
+from peft_federated.update_file import TensorSpec
 
 
 class InvalidUpdateError(ValueError):
@@ -17,12 +18,13 @@ class InvalidUpdateError(ValueError):
 
 
 def check_update(
-    update: dict[str, Tensor], state: GlobalState, trainable: tuple[str, ...], ranks: range, client_id: str
+    update: dict[str, Tensor | TensorSpec], state: GlobalState, trainable: tuple[str, ...], ranks: range, client_id: str
 ) -> int:
     """Raise `InvalidUpdateError` unless `update` holds exactly the expected tensors; return its rank.
 
     Expected: the `trainable` factors of every LoRA module (one common rank within `ranks`) and every
     extra trainable tensor of the global state, with the global dtypes and shapes, all finite.
+    For an update file's header (`TensorSpec` values) everything but the values is checked.
     """
 
     def refuse(reason: str) -> InvalidUpdateError:
@@ -40,7 +42,7 @@ def check_update(
 
     rank = None
     for key, value in update.items():
-        if not isinstance(value, Tensor):
+        if not isinstance(value, (Tensor, TensorSpec)):
             raise refuse(f"{key} is a {type(value).__name__}, not a tensor.")
         reference = state.tensors[key]
         if value.dtype != reference.dtype:
@@ -63,7 +65,7 @@ def check_update(
             expected_shape = (rank, d_in) if factor == "lora_A" else (d_out, rank)
         if tuple(value.shape) != expected_shape:
             raise refuse(f"{key} has shape {tuple(value.shape)}, expected {expected_shape}.")
-        if not all_finite(value):
+        if isinstance(value, Tensor) and not all_finite(value):
             raise refuse(f"{key} holds NaN or Inf values.")
     return rank if rank is not None else ranks.start
 

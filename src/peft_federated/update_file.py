@@ -1,0 +1,124 @@
+"""A client's update file read one tensor at a time, for aggregation that streams over modules.
+
+`safetensors.torch.load_file` maps the whole file and touches every page of it; aggregating K such
+files client after client streams each update and the running means through main memory. Reading
+tensor by tensor instead (`UpdateFile.read`: one `pread` into a fresh small tensor) lets the
+aggregator take one module of every client in turn while that module's running mean stays in the
+CPU cache (`Aggregator.accept_files`), so each client byte crosses memory about once and nothing is
+memory-mapped (the server's resident memory stays near one adapter whatever the number of clients).
+
+The header is parsed and checked up front: names, dtypes and shapes can be validated before any
+value is read, and a truncated or corrupt file is refused with the client named.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor's dtype and shape as the file header declares them (enough for `check_update`)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offset in the file
+    nbytes: int
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+class UpdateFile:
+    """An update's safetensors file: its header checked on opening, its tensors read on demand.
+
+    Raises ValueError (naming the client and what to do) when the file is truncated or its header
+    is not a valid safetensors header. Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, path: str | os.PathLike, client_id: str = "?", round: int = -1) -> None:
+        self.path, self.client_id, self.round, self._fd = Path(path), client_id, round, -1
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self.specs = self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def _refuse(self, reason: str) -> ValueError:
+        return ValueError(f"Update of {self.client_id!r} for round {self.round}: {self.path.name} is not a readable "
+                          f"safetensors file: it {reason}. The client must resubmit it.")
+
+    def _read_header(self) -> dict[str, TensorSpec]:
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise self._refuse(f"is {size} bytes long, too short for a safetensors header (truncated?)")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise self._refuse(f"declares a {n}-byte header in a {size}-byte file (truncated or not safetensors)")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise self._refuse(f"has a header that is not valid JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise self._refuse("has a header that is not a JSON object")
+        specs, data_start, end = {}, 8 + n, 8 + n
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            try:
+                dtype, shape, (begin, stop) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
+                ok = all(isinstance(d, int) and d >= 0 for d in (*shape, begin, stop)) and begin <= stop
+            except (KeyError, TypeError, ValueError):
+                raise self._refuse(f"has a malformed header entry for {name!r}: {str(entry)[:200]}") from None
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not ok or stop - begin != nbytes:
+                raise self._refuse(f"declares {name!r} as {entry['dtype']}{list(shape)} in bytes [{begin}, {stop}), "
+                                   f"which is not {nbytes} bytes")
+            specs[name] = TensorSpec(dtype, shape, data_start + begin, nbytes)
+            end = max(end, data_start + stop)
+        if end > size:
+            raise self._refuse(f"is {size} bytes long but its header places tensor data up to byte {end} (truncated)")
+        return specs
+
+    def read(self, name: str) -> Tensor:
+        """The tensor `name`, read from the file into a new tensor (nothing is memory-mapped)."""
+        spec = self.specs[name]
+        out = torch.empty(spec.shape, dtype=spec.dtype)
+        if spec.nbytes:
+            view = memoryview(out.view(-1).view(torch.uint8).numpy())
+            got = os.preadv(self._fd, [view], spec.start)
+            if got != spec.nbytes:
+                raise self._refuse(f"ended while reading {name!r} (truncated)")
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> "UpdateFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_fd", -1) >= 0:
+            self.close()

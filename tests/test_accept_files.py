@@ -1,0 +1,139 @@
+"""Aggregating update files module by module (`Aggregator.accept_files`): the same result as `accept`
+on each update in turn, bit for bit, for every strategy; bad files are refused and leave no trace."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import make_config
+from safetensors.torch import save_file
+from test_invariants import random_state, random_update
+
+from peft_federated import get_strategy
+from peft_federated.update_file import UpdateFile
+
+STRATEGIES = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
+SAMPLES = [4, 1, 9, 2, 7]
+
+
+def write_updates(tmp_path, updates):
+    paths = []
+    for k, update in enumerate(updates):
+        path = tmp_path / f"c{k}.safetensors"
+        save_file({key: v.contiguous() for key, v in update.items()}, str(path))
+        paths.append(path)
+    return paths
+
+
+def assert_same_state(a, b):
+    assert a.round == b.round and a.strategy_state == b.strategy_state
+    assert a.tensors.keys() == b.tensors.keys() and a.base_delta.keys() == b.base_delta.keys()
+    for key in a.tensors:
+        assert torch.equal(a.tensors[key], b.tensors[key]), key
+    for m in a.base_delta:
+        assert torch.equal(a.base_delta[m].U, b.base_delta[m].U) and torch.equal(a.base_delta[m].V, b.base_delta[m].V)
+
+
+@pytest.mark.parametrize("name", STRATEGIES)
+@pytest.mark.parametrize("round", [0, 1])
+def test_files_module_by_module_equal_accept_one_by_one(tmp_path, gen, dtype, name, round):
+    kw = {"client_ranks": {"c0": 1, "c1": 2, "c3": 1}} if name in ("hetlora", "flora") else {}
+    s = get_strategy(make_config(name, r=3, **kw))
+    state = random_state(gen, dtype, round=round)
+    ranks = [s.client_rank(state, f"c{k}") for k in range(len(SAMPLES))]
+    ups = [random_update(state, gen, s.trainable_factors(round), rank=r) for r in ranks]
+    one_by_one = s.aggregate(state, [(f"c{k}", u, n) for k, (u, n) in enumerate(zip(ups, SAMPLES))])
+    agg = s.aggregator(state)
+    paths = write_updates(tmp_path, ups)
+    assert agg.accept_files([(f"c{k}", p, n) for k, (p, n) in enumerate(zip(paths, SAMPLES))]) == {}
+    assert_same_state(agg.result(), one_by_one)
+    assert sorted(agg.clients) == [f"c{k}" for k in range(len(SAMPLES))]
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_non_finite_values_found_mid_fold_leave_no_trace(tmp_path, gen, where):
+    s = get_strategy(make_config("fedex", r=3))
+    state = random_state(gen, torch.float32, round=1)
+    ups = [random_update(state, gen) for _ in range(4)]
+    bad = dict(ups[2])
+    key = sorted(k for k in bad if "lora_B" in k)[0 if where == "first" else -1]  # the first or last module read
+    bad[key] = bad[key].clone()
+    bad[key][1, 0] = float("nan")
+    paths = write_updates(tmp_path, [ups[0], ups[1], bad, ups[3]])
+    agg = s.aggregator(state)
+    refused = agg.accept_files([(f"c{k}", p, n) for k, (p, n) in enumerate(zip(paths, SAMPLES))])
+    assert list(refused) == ["c2"] and f"{key} holds NaN or Inf" in str(refused["c2"])
+    expected = s.aggregate(state, [(f"c{k}", ups[k], SAMPLES[k]) for k in (0, 1, 3)])
+    assert_same_state(agg.result(), expected)
+    assert sorted(agg.clients) == ["c0", "c1", "c3"]
+
+
+def test_bad_files_are_refused_with_reasons_others_kept(tmp_path, gen):
+    s = get_strategy(make_config("fedit", r=3))
+    state = random_state(gen, torch.float64, round=0)
+    ups = [random_update(state, gen) for _ in range(3)]
+    paths = write_updates(tmp_path, ups)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(paths[1].read_bytes()[:-100])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    wrong_dtype = write_updates(tmp_path / "..", [{k: v.float() for k, v in ups[2].items()}])[0]
+    agg = s.aggregator(state)
+    refused = agg.accept_files([
+        ("c0", paths[0], 5), ("cut", truncated, 5), ("junk", garbage, 5), ("f32", wrong_dtype, 5),
+        ("gone", tmp_path / "missing.safetensors", 5), ("c0", paths[2], 5), ("zero", paths[2], 0),
+    ])
+    assert "truncated" in str(refused["cut"]) and "resubmit" in str(refused["cut"])
+    assert "not valid JSON" in str(refused["junk"])
+    assert "dtype torch.float32" in str(refused["f32"])
+    assert isinstance(refused["gone"], FileNotFoundError)
+    assert "num_samples must be a positive integer" in str(refused["zero"])
+    assert list(agg.clients) == ["c0"]
+    assert_same_state(agg.result(), s.aggregate(state, [("c0", ups[0], 5)]))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_norm_bound_applies_to_files_as_to_accept(tmp_path, gen, clip):
+    s = get_strategy(make_config("fedit", r=3, max_update_norm=3.0, clip_updates=clip))
+    state = random_state(gen, torch.float64, round=0)
+    small = {k: v + 1e-3 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in state.tensors.items()}
+    big = {k: v + torch.randn(v.shape, generator=gen, dtype=v.dtype) for k, v in state.tensors.items()}
+    paths = write_updates(tmp_path, [small, big])
+    agg = s.aggregator(state)
+    refused = agg.accept_files([("c0", paths[0], 3), ("c1", paths[1], 5)])
+    reference = s.aggregator(state)
+    reference.accept(small, 3, "c0")
+    if clip:
+        reference.accept(big, 5, "c1")
+        assert refused == {} and agg.clients["c1"]["clipped"]
+    else:
+        assert "above max_update_norm=3" in str(refused["c1"]) and list(agg.clients) == ["c0"]
+    result, expected = agg.result(), reference.result()
+    for key in state.tensors:
+        torch.testing.assert_close(result.tensors[key], expected.tensors[key], rtol=1e-12, atol=1e-12)
+    assert agg.clients["c0"]["norm"] == pytest.approx(reference.clients["c0"]["norm"], rel=1e-12)
+
+
+def test_files_after_accept_are_checked_before_folding(tmp_path, gen):
+    s = get_strategy(make_config("fedit", r=3))
+    state = random_state(gen, torch.float32, round=0)
+    ups = [random_update(state, gen) for _ in range(3)]
+    bad = {k: torch.full_like(v, float("inf")) if "lora_A" in k else v for k, v in ups[2].items()}
+    paths = write_updates(tmp_path, [ups[1], bad])
+    agg = s.aggregator(state)
+    agg.accept(ups[0], 2, "c0")
+    refused = agg.accept_files([("c1", paths[0], 3), ("c2", paths[1], 4)])
+    assert list(refused) == ["c2"]
+    assert_same_state(agg.result(), s.aggregate(state, [("c0", ups[0], 2), ("c1", ups[1], 3)]))
+
+
+def test_update_file_reads_what_safetensors_wrote(tmp_path, gen):
+    tensors = {"a": torch.randn(3, 5, generator=gen).to(torch.bfloat16), "b": torch.randn(7, generator=gen, dtype=torch.float64),
+               "c": torch.zeros(0, 4), "d": torch.arange(6, dtype=torch.int64).view(2, 3)}
+    path = tmp_path / "u.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    with UpdateFile(path, "c0", 3) as f:
+        assert set(f.specs) == set(tensors)
+        for key, value in tensors.items():
+            assert f.specs[key].dtype == value.dtype and f.specs[key].shape == tuple(value.shape)
+            assert torch.equal(f.read(key), value)
