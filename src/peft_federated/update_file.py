@@ -17,8 +17,8 @@ import json
 import math
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,8 +31,7 @@ DTYPES = {
 MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
 
-@dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(NamedTuple):
     """A tensor's dtype and shape as the file header declares them (enough for `check_update`)."""
 
     dtype: torch.dtype
@@ -84,12 +83,13 @@ class UpdateFile:
                 continue
             try:
                 dtype, shape, (begin, stop) = DTYPES[entry["dtype"]], tuple(entry["shape"]), entry["data_offsets"]
-                ok = all(isinstance(d, int) and d >= 0 for d in (*shape, begin, stop)) and begin <= stop
+                nbytes = math.prod(shape) * dtype.itemsize
+                ok = type(begin) is int and type(stop) is int and 0 <= begin and stop - begin == nbytes
+                ok = ok and all(type(d) is int and d >= 0 for d in shape)
             except (KeyError, TypeError, ValueError):
                 raise self._refuse(f"has a malformed header entry for {name!r}: {str(entry)[:200]}") from None
-            nbytes = math.prod(shape) * dtype.itemsize
-            if not ok or stop - begin != nbytes:
-                raise self._refuse(f"declares {name!r} as {entry['dtype']}{list(shape)} in bytes [{begin}, {stop}), "
+            if not ok:
+                raise self._refuse(f"declares {name!r} as {entry['dtype']}{list(shape)} in bytes {entry['data_offsets']}, "
                                    f"which is not {nbytes} bytes")
             specs[name] = TensorSpec(dtype, shape, data_start + begin, nbytes)
             end = max(end, data_start + stop)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
@@ -24,7 +25,7 @@ from torch import Tensor
 from peft_federated import adapter
 from peft_federated.state import GlobalState, LowRank, lora_key, lora_modules
 from peft_federated.strategies.validation import InvalidUpdateError, all_finite, change_norm, check_update, clip_change
-from peft_federated.update_file import UpdateFile
+from peft_federated.update_file import TensorSpec, UpdateFile
 
 if TYPE_CHECKING:
     from peft import PeftModel
@@ -120,9 +121,11 @@ class FedAvgModule(ModuleAggregator):
 class Aggregator:
     """One round on the server: validate and fold in updates one at a time, then the next global state."""
 
-    def __init__(self, strategy: "Strategy", state: GlobalState) -> None:
+    def __init__(self, strategy: "Strategy", state: GlobalState, threads: Optional[int] = None) -> None:
         self.strategy, self.state = strategy, state
+        self.threads = threads or min(4, os.cpu_count() or 1)  # workers of `accept_files`
         self.clients: dict[str, dict] = {}
+        self._layouts: dict[int, dict] = {}
         self._reset()
 
     def _reset(self) -> None:
@@ -130,15 +133,34 @@ class Aggregator:
         self.extras = {k: WeightedMean() for k in self.state.extra_keys()}
 
     def check(self, update: dict[str, Tensor], client_id: str) -> int:
-        """Validate an update without folding it in; its rank. Raises `InvalidUpdateError`."""
+        """Validate an update without folding it in; its rank. Raises `InvalidUpdateError`.
+
+        An update whose names, dtypes and shapes are exactly those expected at one of its allowed
+        ranks (the common case, compared as one dict) only has its values checked; any other goes
+        through `check_update`, which says precisely what is wrong."""
         s = self.strategy
-        return check_update(
-            update,
-            self.state,
-            trainable=s.trainable_factors(self.state.round),
-            ranks=s.allowed_ranks(self.state, client_id),
-            client_id=client_id,
-        )
+        ranks = s.allowed_ranks(self.state, client_id)
+        layout = {k: (v.dtype, tuple(v.shape)) for k, v in update.items() if isinstance(v, (Tensor, TensorSpec))}
+        for rank in (r for r in ranks if self._expected(r) == layout):
+            if not all(isinstance(v, TensorSpec) or all_finite(v) for v in update.values()):
+                break  # check_update names the tensor
+            return rank
+        return check_update(update, self.state, trainable=s.trainable_factors(self.state.round), ranks=ranks, client_id=client_id)
+
+    def _expected(self, rank: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """The name -> (dtype, shape) of a valid update at `rank` (computed once per rank)."""
+        if rank not in self._layouts:
+            trainable, out = self.strategy.trainable_factors(self.state.round), {}
+            for key in self.state.extra_keys():
+                out[key] = (self.state.tensors[key].dtype, tuple(self.state.tensors[key].shape))
+            for module in self.state.modules():
+                A, B = self.state.factor(module, "lora_A"), self.state.factor(module, "lora_B")
+                if "lora_A" in trainable:
+                    out[lora_key(module, "lora_A")] = (A.dtype, (rank, A.shape[1]))
+                if "lora_B" in trainable:
+                    out[lora_key(module, "lora_B")] = (B.dtype, (B.shape[0], rank))
+            self._layouts[rank] = out
+        return self._layouts[rank]
 
     def change_norm(self, update: dict[str, Tensor], client_id: str, rank: int) -> float:
         """The L2 norm of a (checked) update's change from the tensors the client started from."""
@@ -271,6 +293,10 @@ class Aggregator:
         return refused
 
     def _fold(self, updates: list["FileUpdate"]) -> None:
+        """Every module (and extra tensor) of every update, in `threads` workers that each take a
+        contiguous share of the modules: each module still sees the clients in order, so the result
+        does not depend on the number of workers. Reads and torch kernels release the GIL, so one
+        worker's reads overlap another's arithmetic."""
         bound = self.strategy.config.max_update_norm
         clip = {u.client_id: self.strategy.client_start(self.state, u.client_id, u.rank)
                 for u in updates if bound is not None and u.norm > bound}
@@ -281,13 +307,24 @@ class Aggregator:
                 values = clip_change(values, clip[u.client_id], u.norm, bound)
             return [values.get(k) for k in keys]
 
-        for module, agg in self.modules.items():
-            keys = (lora_key(module, "lora_A"), lora_key(module, "lora_B"))
-            for u in updates:
-                agg.accept(*read(u, keys), u.weight)
-        for key, mean in self.extras.items():
-            for u in updates:
-                mean.add(*read(u, (key,)), u.weight)
+        def fold(tasks: list[tuple[str, object]]) -> None:
+            for name, agg in tasks:
+                if isinstance(agg, WeightedMean):
+                    for u in updates:
+                        agg.add(*read(u, (name,)), u.weight)
+                else:
+                    keys = (lora_key(name, "lora_A"), lora_key(name, "lora_B"))
+                    for u in updates:
+                        agg.accept(*read(u, keys), u.weight)
+
+        tasks = [*self.modules.items(), *self.extras.items()]
+        workers = max(1, min(self.threads, len(tasks)))
+        if workers == 1:
+            return fold(tasks)
+        shares = [tasks[len(tasks) * i // workers: len(tasks) * (i + 1) // workers] for i in range(workers)]
+        with ThreadPoolExecutor(workers) as pool:
+            for future in [pool.submit(fold, share) for share in shares]:
+                future.result()  # re-raises a worker's InvalidUpdateError (a client found non-finite)
 
     def result(self) -> GlobalState:
         """The next global state: round + 1, aggregated factors, the base change folded into base_delta."""
@@ -460,9 +497,10 @@ class Strategy:
         return client_round.rank
 
     # ---- server side --------------------------------------------------------------------------
-    def aggregator(self, state: GlobalState) -> Aggregator:
-        """A fresh streaming aggregator for the round `state.round`."""
-        return Aggregator(self, state)
+    def aggregator(self, state: GlobalState, threads: Optional[int] = None) -> Aggregator:
+        """A fresh streaming aggregator for the round `state.round` (`threads`: workers of `accept_files`,
+        default min(4, CPU count))."""
+        return Aggregator(self, state, threads)
 
     def aggregate(self, state: GlobalState, updates: list[tuple[str, dict[str, Tensor], int]]) -> GlobalState:
         """Convenience: aggregate (client_id, update, num_samples) triples in one call."""

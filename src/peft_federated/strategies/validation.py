@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -88,4 +90,4 @@ def all_finite(x: Tensor) -> bool:
     """Whether every value of `x` is finite. A finite sum proves it in one cheap pass (a NaN or Inf
     anywhere makes the sum NaN or Inf); only a non-finite sum, which may be an overflow of finite
     values, needs the element-wise check."""
-    return bool(torch.isfinite(x.sum())) or bool(torch.isfinite(x).all())
+    return math.isfinite(x.sum().item()) or bool(torch.isfinite(x).all())
