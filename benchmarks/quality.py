@@ -7,21 +7,30 @@ as all clients of the federation together) is the ceiling. The headline setting 
 runs over several seeds; a few-clients setting (3 clients, alpha 0.1) tests whether the methods
 then come close, as the RoLoRA paper says.
 
-    .venv/bin/python benchmarks/quality.py            # estimated 2 to 3 hours on the 2-core CPU
-    .venv/bin/python benchmarks/quality.py --quick    # a smoke run of a few minutes
+The classification head starts as a linear probe fitted on `--probe-examples` labelled tweets of the
+pooled training set (the same head for every method and for the centralized run) and stays frozen
+(`--head probe-frozen`), so the methods differ only in how they federate the LoRA factors. With a
+fresh head (`--head fresh`, the earlier setting) every method collapsed to one class at alpha 0.1:
+each client's few local steps on almost one class moved the head's bias to that class.
 
-Each finished run is saved at once to results/quality.json; a rerun skips the runs already there
-(delete the file, or pass --fresh, to start over).
+    .venv/bin/python benchmarks/quality.py               # hours on the 2-core CPU; resumable
+    .venv/bin/python benchmarks/quality.py --quick       # a smoke run of a few minutes
+
+Runs go to `--workers` processes of one torch thread each. Each finished run is saved at once to
+results/quality.json; a rerun skips the runs already there (delete the file, or pass --fresh, to
+start over).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,15 +40,18 @@ METHODS = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
 
 
 def runs(args) -> list[dict]:
-    """Every (method, alpha, rank, clients, seed) run of the benchmark, headline first."""
-    grid = []
-    for seed in range(args.seeds):
-        grid += [dict(method=m, seed=seed, alpha=0.1, rank=8, clients=args.clients) for m in METHODS]
-        grid += [dict(method="centralized", seed=seed, alpha=None, rank=8, clients=1)]
-    for alpha, rank in ((1.0, 8), (0.1, 2), (1.0, 2)):
-        grid += [dict(method=m, seed=0, alpha=alpha, rank=rank, clients=args.clients) for m in METHODS]
-    grid += [dict(method="centralized", seed=0, alpha=None, rank=2, clients=1)]
-    grid += [dict(method=m, seed=0, alpha=0.1, rank=8, clients=3) for m in ("fedit", "ffa", "rolora")]
+    """Every (method, alpha, rank, clients, seed) run of the benchmark, most telling first: the headline
+    setting with seed 0, the few-clients setting, alpha 1.0, rank 2, then the headline's other seeds."""
+    def setting(alpha, rank, clients, seed, methods=METHODS):
+        return [dict(method=m, seed=seed, alpha=alpha, rank=rank, clients=clients) for m in methods]
+
+    central = [dict(method="centralized", seed=seed, alpha=None, rank=8, clients=1) for seed in range(args.seeds)]
+    grid = setting(0.1, 8, args.clients, 0) + central[:1]
+    grid += setting(0.1, 8, 3, 0, ("fedit", "ffa", "rolora"))
+    grid += setting(1.0, 8, args.clients, 0)
+    grid += setting(0.1, 2, args.clients, 0) + [dict(method="centralized", seed=0, alpha=None, rank=2, clients=1)]
+    for seed in range(1, args.seeds):
+        grid += setting(0.1, 8, args.clients, seed) + central[seed:seed + 1]
     return grid
 
 
@@ -67,6 +79,7 @@ def run_one(run: dict, args, data) -> dict:
         if run["method"] == "centralized":
             config = sentiment_config("fedit", run["rank"])
             model = sentiment_model(config, run["seed"])
+            start_head(model, train, collator, args, run["seed"])
             targs = sentiment_args(tmp, learning_rate=args.lr, seed=run["seed"], max_steps=args.rounds * steps_per_round,
                                    eval_strategy="steps", eval_steps=steps_per_round)
             trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=test, data_collator=collator,
@@ -83,6 +96,7 @@ def run_one(run: dict, args, data) -> dict:
                                       local_steps=args.local_steps if run["clients"] >= args.clients_per_round
                                       else args.local_steps * args.clients_per_round // run["clients"], **extra)
             model = sentiment_model(config, run["seed"])
+            start_head(model, train, collator, args, run["seed"])
             result = run_simulation(model, config, clients, sentiment_args(tmp, learning_rate=args.lr, seed=run["seed"]),
                                     Path(tmp) / "store", eval_dataset=test, compute_metrics=accuracy_and_f1,
                                     data_collator=collator, seed=run["seed"], progress=False, output_dir=tmp)
@@ -92,6 +106,37 @@ def run_one(run: dict, args, data) -> dict:
         "accuracy": [c["eval_accuracy"] for c in curve],
         "macro_f1": [c["eval_macro_f1"] for c in curve],
     }
+
+
+def start_head(model, train, collator, args, seed: int) -> None:
+    """Fit the classification head as a linear probe (L-BFGS, small L2) on the features of
+    `args.probe_examples` labelled training tweets; freeze it with `--head probe-frozen`."""
+    import torch
+
+    if args.head == "fresh":
+        return
+    wrapper = model.base_model.model.classifier  # PEFT's ModulesToSaveWrapper around the head
+    head = wrapper.modules_to_save[wrapper.active_adapter if isinstance(wrapper.active_adapter, str) else wrapper.active_adapter[0]]
+    probe = train.shuffle(seed=1000 + seed).select(range(args.probe_examples))
+    features = []
+    hook = wrapper.register_forward_hook(lambda module, inputs, output: features.append(inputs[0].detach()))
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(probe), 64):
+            model(**collator([probe[j] for j in range(i, min(i + 64, len(probe)))]))
+    hook.remove()
+    X, y = torch.cat(features), torch.tensor(probe["label"])
+    optimizer = torch.optim.LBFGS(head.parameters(), max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(head(X), y) + 1e-3 * head.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    if args.head == "probe-frozen":
+        head.requires_grad_(False)
 
 
 def summarize(results: dict[str, dict], seeds: int) -> list[dict]:
@@ -141,8 +186,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--clients-per-round", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=20,
-                        help="At 12 rounds every method was still predicting one class at alpha=0.1.")
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--seeds", type=int, default=3, help="Seeds of the headline setting.")
@@ -150,31 +194,54 @@ def main() -> None:
     parser.add_argument("--eval-examples", type=int, default=400)
     parser.add_argument("--quick", action="store_true", help="A smoke run: 2 rounds, 1 seed, 1000 tweets.")
     parser.add_argument("--fresh", action="store_true", help="Ignore results saved by an earlier run.")
+    parser.add_argument("--head", choices=["probe-frozen", "probe", "fresh"], default="probe-frozen",
+                        help="The classification head: a linear probe, frozen (default) or trained on; or fresh.")
+    parser.add_argument("--probe-examples", type=int, default=600, help="Labelled tweets the head's probe is fitted on.")
+    parser.add_argument("--workers", type=int, default=2, help="Runs at a time, each in a process of one torch thread.")
     args = parser.parse_args()
     if args.quick:
         args.rounds, args.seeds, args.train_examples, args.eval_examples, args.local_steps = 2, 1, 1000, 100, 2
-
-    from peft_federated.demo import sentiment_data
+        args.probe_examples = 100
 
     path = RESULTS / "quality.json"
     settings = {k: getattr(args, k) for k in ("clients", "clients_per_round", "rounds", "local_steps", "lr",
-                                               "train_examples", "eval_examples", "quick")}
+                                               "train_examples", "eval_examples", "quick", "head", "probe_examples")}
     saved = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     results = saved.get("runs", {}) if saved.get("settings") == settings else {}
-    data = sentiment_data(args.train_examples, args.eval_examples)
     grid = runs(args)
-    for i, run in enumerate(grid):
-        if key(run) in results:
-            continue
-        start = time.time()
-        results[key(run)] = {**run_one(run, args, data), "seconds": time.time() - start}
-        r = results[key(run)]
-        print(f"[{i + 1}/{len(grid)}] {key(run)}: accuracy {r['accuracy'][-1]:.3f} macro-F1 {r['macro_f1'][-1]:.3f} "
-              f"({r['seconds']:.0f} s)", flush=True)
-        write_json("quality", {"settings": settings, "runs": results, "summary": summarize(results, args.seeds)})
-    write_json("quality", {"settings": settings, "runs": results, "summary": summarize(results, args.seeds),
-                           "plots": plot(results)})
+    todo = [run for run in grid if key(run) not in results]
+    print(f"{len(grid) - len(todo)} of {len(grid)} runs already saved; {len(todo)} to go on {args.workers} worker(s)", flush=True)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_start_worker, initargs=(args,)) as pool:
+        futures = {pool.submit(_run_in_worker, run, args): run for run in todo}
+        for future in as_completed(futures):
+            r = future.result()
+            results[key(r)] = r
+            print(f"[{len(results)}/{len(grid)}] {key(r)}: accuracy {r['accuracy'][-1]:.3f} macro-F1 {r['macro_f1'][-1]:.3f} "
+                  f"({r['seconds']:.0f} s)", flush=True)
+            write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
+                                   "summary": summarize(results, args.seeds)})
+    write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
+                           "summary": summarize(results, args.seeds), "plots": plot(results)})
 
+
+_DATA = None
+
+
+def _start_worker(args) -> None:
+    """A worker process: one torch thread, the tokenized data loaded once."""
+    global _DATA
+    import torch
+
+    from peft_federated.demo import sentiment_data
+
+    torch.set_num_threads(1)
+    _DATA = sentiment_data(args.train_examples, args.eval_examples)
+
+
+def _run_in_worker(run: dict, args) -> dict:
+    start = time.time()
+    return {**run_one(run, args, _DATA), "seconds": time.time() - start}
 
 if __name__ == "__main__":
     main()

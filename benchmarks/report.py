@@ -60,9 +60,11 @@ def aggregation(data: dict) -> str:
         "",
     ]
     out += [
-        "Methods: `ours` = the library's streaming path (`get_strategy(config).aggregator(state)`, `accept()` one update "
-        "at a time, each file loaded as it goes, update validation included); `ours_store` = the same through "
-        "`LocalStore.read_update`, which also checks each file's sha256 (what `aggregate_round` does); `flower` = "
+        "Methods: `ours` = the library's path (`get_strategy(config).aggregator(state).accept_files(files)`: module by "
+        "module, each module of every client read with pread while that module's running mean stays in cache, in "
+        "2 worker threads over shares of the modules, headers and values validated); `ours_store` = the same after "
+        "`LocalStore.update_file` checks each file's sha256 (what `aggregate_round` does); `ours_accept` = "
+        "`accept()` one update at a time, each file loaded by safetensors (memory-mapped); `flower` = "
         "`flwr.server.strategy.aggregate.aggregate` over numpy arrays of every update; `flower_message` = "
         "`aggregate_arrayrecords`, what Flower's current (Message API) FedAvg calls; `naive` = load every file, "
         "stack each tensor over clients, weighted mean. Peak RSS counts the touched pages of memory-mapped files "
@@ -101,9 +103,9 @@ def aggregation(data: dict) -> str:
         ])
     if b := data.get("ours_breakdown"):
         per = b["seconds_per_client"]
-        out += ["", f"Where `ours` spends its time (K = {b['clients']}, its steps timed one by one, ms per client): "
+        out += ["", f"Where `ours` spends its time (K = {b['clients']}, ms per client): "
                 + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in per.items() if k != "result")
-                + f"; result() once {1e3 * per['result'] * b['clients']:.0f} ms. "
+                + f"; result() once {1e3 * per['result']:.0f} ms ({b['note']}). "
                 f"Reading one adapter at the bound would take {1e3 * adapter / min(bw['bound_bytes_per_s'].values()):.1f} ms."]
     out += ["", "Targets for `ours` (the library's streaming path):", "",
             table(["K", f">= {100 * t['fraction_of_bound']:.0f}% of bound", f"peak < {t['peak_above_baseline_adapters']:.0f} adapters",
@@ -171,19 +173,32 @@ def _mean_std(mean: float, std: float | None) -> str:
 
 def quality(data: dict) -> str:
     st, runs = data["settings"], data["runs"]
+    head = {"probe-frozen": f"a linear probe fitted on {st.get('probe_examples')} labelled training tweets, then frozen "
+                            "(the same for every method; only the LoRA factors are federated)",
+            "probe": f"a linear probe fitted on {st.get('probe_examples')} labelled training tweets, then trained and "
+                     "averaged with the LoRA factors",
+            "fresh": "fresh (random), trained and averaged with the LoRA factors"}[st.get("head", "fresh")]
+    planned = data.get("planned_runs", len(runs))
     out = [
         f"all-MiniLM-L6-v2 + LoRA on query/value, Twitter sentiment ({st['train_examples']} training tweets, "
         f"{st['eval_examples']} held out), {st['rounds']} rounds, {st['clients_per_round']} clients per round x "
-        f"{st['local_steps']} local steps, lr {st['lr']}; centralized = a plain Trainer on the pooled data for the same "
-        f"number of optimizer steps. Final round; mean ± sample std over seeds where there are several. "
-        f"{len(runs)} runs recorded" + (" (a --quick smoke run: not a result)." if st.get("quick") else ".")
-        + (f" PARTIAL: {data['partial']}." if data.get("partial") else ""),
+        f"{st['local_steps']} local steps (3-client setting: all 3 clients each round, "
+        f"{st['local_steps'] * st['clients_per_round'] // 3} local steps each), lr {st['lr']}; "
+        f"classification head: {head}. Centralized = a plain Trainer on the pooled data for the same "
+        f"number of optimizer steps. `start` = accuracy of the global model before round 1; final round; "
+        f"mean ± sample std over seeds where there are several. {len(runs)} runs recorded"
+        + (" (a --quick smoke run: not a result)." if st.get("quick") else ".")
+        + (f" PARTIAL: {len(runs)} of the {planned} planned runs (the benchmark resumes where it stopped)." if planned > len(runs) else ""),
         "",
     ]
+    starts: dict[tuple, list[float]] = {}
+    for r in runs.values():
+        starts.setdefault((r["alpha"], r["rank"], r["clients"], r["method"]), []).append(r["accuracy"][0])
     rows = [[r["alpha"] if r["alpha"] is not None else "pooled", r["rank"], r["clients"], r["method"], r["seeds"],
+             f"{statistics.fmean(starts[(r['alpha'], r['rank'], r['clients'], r['method'])]):.3f}",
              _mean_std(r["accuracy_mean"], r["accuracy_std"]), _mean_std(r["macro_f1_mean"], r["macro_f1_std"])]
             for r in data["summary"]]
-    out.append(table(["Dirichlet alpha", "rank", "clients", "method", "seeds", "accuracy", "macro-F1"], rows))
+    out.append(table(["Dirichlet alpha", "rank", "clients", "method", "seeds", "start", "accuracy", "macro-F1"], rows))
     return "\n".join(out)
 
 

@@ -18,7 +18,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -97,10 +97,15 @@ class UpdateFile:
             raise self._refuse(f"is {size} bytes long but its header places tensor data up to byte {end} (truncated)")
         return specs
 
-    def read(self, name: str) -> Tensor:
-        """The tensor `name`, read from the file into a new tensor (nothing is memory-mapped)."""
+    def read(self, name: str, buffer: Optional[Tensor] = None) -> Tensor:
+        """The tensor `name`, read from the file (nothing is memory-mapped): into a new tensor, or into
+        `buffer` (a uint8 tensor of at least its size, reused from read to read: the returned tensor is
+        a view of it, valid until the buffer's next read)."""
         spec = self.specs[name]
-        out = torch.empty(spec.shape, dtype=spec.dtype)
+        if buffer is None or buffer.numel() < spec.nbytes:
+            out = torch.empty(spec.shape, dtype=spec.dtype)
+        else:
+            out = buffer[: spec.nbytes].view(spec.dtype).view(spec.shape)
         if spec.nbytes:
             view = memoryview(out.view(-1).view(torch.uint8).numpy())
             got = os.preadv(self._fd, [view], spec.start)

@@ -8,7 +8,8 @@ Sample-count vs uniform weighting and update validation live here once, for ever
 
 The server side streams, like NVIDIA FLARE's `accept_model`: `Aggregator.accept(update, ...)` folds
 one client's update into running sums and `result()` gives the next `GlobalState`, so server memory
-does not grow with the number of clients.
+does not grow with the number of clients. `Aggregator.accept_files` takes a round's update files
+together and folds them module by module, with the same result bit for bit.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class ModuleAggregator(ABC):
 
     @abstractmethod
     def accept(self, A: Optional[Tensor], B: Optional[Tensor], weight: float) -> None:
-        """Fold in one client's factors (None for a factor the client did not upload)."""
+        """Fold in one client's factors (None for a factor the client did not upload). A and B may be
+        views of read buffers that are reused afterwards: keep copies, never the tensors themselves."""
 
     @abstractmethod
     def result(self) -> tuple[Tensor, Tensor, Optional[LowRank]]:
@@ -301,13 +303,20 @@ class Aggregator:
         clip = {u.client_id: self.strategy.client_start(self.state, u.client_id, u.rank)
                 for u in updates if bound is not None and u.norm > bound}
 
-        def read(u: "FileUpdate", keys: tuple[str, ...]) -> list[Optional[Tensor]]:
-            values = {k: u.read(k) for k in keys if k in u.file.specs}
-            if u.client_id in clip:
-                values = clip_change(values, clip[u.client_id], u.norm, bound)
-            return [values.get(k) for k in keys]
-
         def fold(tasks: list[tuple[str, object]]) -> None:
+            buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]  # this worker's, reused
+
+            def read(u: "FileUpdate", keys: tuple[str, ...]) -> list[Optional[Tensor]]:
+                values = {}
+                for slot, k in enumerate(keys):
+                    if k in u.file.specs:
+                        if buffers[slot].numel() < u.file.specs[k].nbytes:
+                            buffers[slot] = torch.empty(u.file.specs[k].nbytes, dtype=torch.uint8)
+                        values[k] = u.read(k, buffers[slot])
+                if u.client_id in clip:
+                    values = clip_change(values, clip[u.client_id], u.norm, bound)
+                return [values.get(k) for k in keys]
+
             for name, agg in tasks:
                 if isinstance(agg, WeightedMean):
                     for u in updates:
@@ -360,9 +369,9 @@ class FileUpdate:
     norm: Optional[float] = None  # change-norm, once measured
     checked: bool = False  # every value read and found finite
 
-    def read(self, key: str) -> Tensor:
+    def read(self, key: str, buffer: Optional[Tensor] = None) -> Tensor:
         try:
-            value = self.file.read(key)
+            value = self.file.read(key, buffer)
         except ValueError as err:  # the file changed under us (truncated since it was opened)
             raise InvalidUpdateError(self.client_id, self.file.round, str(err)) from None
         if not self.checked and not all_finite(value):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from peft_federated.state import LowRank
@@ -19,7 +20,7 @@ class WeightedStack:
         self.total = 0.0
 
     def add(self, B: Tensor, A: Tensor, weight: float) -> None:
-        term = LowRank(B.double(), A.double() * weight)
+        term = LowRank(B.to(torch.float64, copy=True), A.double() * weight)  # a copy: B may be a reused buffer
         self.stack = term if self.stack is None else self.stack.concat(term)
         self.total += weight
         if self.stack.rank > min(self.stack.U.shape[0], self.stack.V.shape[1]):
