@@ -14,7 +14,8 @@ fresh head (`--head fresh`, the earlier setting) every method collapsed to one c
 each client's few local steps on almost one class moved the head's bias to that class.
 
     .venv/bin/python benchmarks/quality.py               # hours on the 2-core CPU; resumable
-    .venv/bin/python benchmarks/quality.py --quick       # a smoke run of a few minutes
+    .venv/bin/python benchmarks/quality.py --quick       # a smoke run
+    .venv/bin/python benchmarks/quality.py --plot-only   # plots and summary of the runs saved so far
 
 Runs go to `--workers` processes of one torch thread each. Each finished run is saved at once to
 results/quality.json; a rerun skips the runs already there (delete the file, or pass --fresh, to
@@ -197,6 +198,7 @@ def main() -> None:
     parser.add_argument("--head", choices=["probe-frozen", "probe", "fresh"], default="probe-frozen",
                         help="The classification head: a linear probe, frozen (default) or trained on; or fresh.")
     parser.add_argument("--probe-examples", type=int, default=600, help="Labelled tweets the head's probe is fitted on.")
+    parser.add_argument("--plot-only", action="store_true", help="Only redraw the plots and summary of the saved runs.")
     parser.add_argument("--workers", type=int, default=2, help="Runs at a time, each in a process of one torch thread.")
     args = parser.parse_args()
     if args.quick:
@@ -209,6 +211,9 @@ def main() -> None:
     saved = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     results = saved.get("runs", {}) if saved.get("settings") == settings else {}
     grid = runs(args)
+    if args.plot_only:  # the summary and plots of the runs saved so far; nothing is run
+        return write_json("quality", {"command": saved.get("command"), "settings": settings, "planned_runs": len(grid), "runs": results,
+                                      "summary": summarize(results, args.seeds), "plots": plot(results)})
     todo = [run for run in grid if key(run) not in results]
     print(f"{len(grid) - len(todo)} of {len(grid)} runs already saved; {len(todo)} to go on {args.workers} worker(s)", flush=True)
     context = multiprocessing.get_context("spawn")
@@ -220,7 +225,7 @@ def main() -> None:
             print(f"[{len(results)}/{len(grid)}] {key(r)}: accuracy {r['accuracy'][-1]:.3f} macro-F1 {r['macro_f1'][-1]:.3f} "
                   f"({r['seconds']:.0f} s)", flush=True)
             write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
-                                   "summary": summarize(results, args.seeds)})
+                                   "summary": summarize(results, args.seeds), "plots": plot(results)})
     write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
                            "summary": summarize(results, args.seeds), "plots": plot(results)})
 
