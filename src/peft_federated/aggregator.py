@@ -33,7 +33,8 @@ def aggregate_round(
     above that factor times the round's median norm. The updates are aggregated from their files
     module by module (`Aggregator.accept_files`); the norms, where a setting needs them, come from a
     first pass that reads each update and keeps only its norm. Memory stays near one update.
-    Accepted updates are listed in `contributions` with their sha256: anyone can re-verify the round.
+    Accepted updates are listed in `contributions` with their sha256 (anyone can re-verify the round)
+    and their change-norm where a norm setting had it measured (else null: no extra pass is paid for it).
     Returns the published round, or None when no valid update was there.
     """
     strategy = get_strategy(config)
