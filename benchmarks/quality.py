@@ -211,24 +211,26 @@ def main() -> None:
     saved = json.loads(path.read_text()) if path.exists() and not args.fresh else {}
     results = saved.get("runs", {}) if saved.get("settings") == settings else {}
     grid = runs(args)
-    if args.plot_only:  # the summary and plots of the runs saved so far; nothing is run
-        return write_json("quality", {"command": saved.get("command"), "settings": settings, "planned_runs": len(grid), "runs": results,
-                                      "summary": summarize(results, args.seeds), "plots": plot(results)})
+
+    def save(**extra) -> None:
+        write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
+                               "summary": summarize(results, args.seeds), "plots": plot(results), **extra})
+
+    if args.plot_only:  # the summary and plots of the runs saved so far, under the command that ran them
+        return save(command=saved.get("command"))
     todo = [run for run in grid if key(run) not in results]
     print(f"{len(grid) - len(todo)} of {len(grid)} runs already saved; {len(todo)} to go on {args.workers} worker(s)", flush=True)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_start_worker, initargs=(args,)) as pool:
-        futures = {pool.submit(_run_in_worker, run, args): run for run in todo}
+        futures = [pool.submit(_run_in_worker, run, args) for run in todo]
         for future in as_completed(futures):
             r = future.result()
             results[key(r)] = r
             print(f"[{len(results)}/{len(grid)}] {key(r)}: accuracy {r['accuracy'][-1]:.3f} macro-F1 {r['macro_f1'][-1]:.3f} "
                   f"({r['seconds']:.0f} s)", flush=True)
-            write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
-                                   "summary": summarize(results, args.seeds), "plots": plot(results)})
-    write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
-                           "summary": summarize(results, args.seeds), "plots": plot(results)})
-
+            save()
+    if not todo:
+        save()
 
 _DATA = None
 

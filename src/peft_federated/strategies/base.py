@@ -25,7 +25,9 @@ from torch import Tensor
 
 from peft_federated import adapter
 from peft_federated.state import GlobalState, LowRank, lora_key, lora_modules
-from peft_federated.strategies.validation import InvalidUpdateError, all_finite, change_norm, check_update, clip_change
+from peft_federated.strategies.validation import (
+    InvalidUpdateError, all_finite, change_norm, check_update, clip_change, squared_change,
+)
 from peft_federated.update_file import TensorSpec, UpdateFile
 
 if TYPE_CHECKING:
@@ -143,9 +145,8 @@ class Aggregator:
         s = self.strategy
         ranks = s.allowed_ranks(self.state, client_id)
         layout = {k: (v.dtype, tuple(v.shape)) for k, v in update.items() if isinstance(v, (Tensor, TensorSpec))}
-        for rank in (r for r in ranks if self._expected(r) == layout):
-            if not all(isinstance(v, TensorSpec) or all_finite(v) for v in update.values()):
-                break  # check_update names the tensor
+        rank = next((r for r in ranks if self._expected(r) == layout), None)
+        if rank is not None and all(isinstance(v, TensorSpec) or all_finite(v) for v in update.values()):
             return rank
         return check_update(update, self.state, trainable=s.trainable_factors(self.state.round), ranks=ranks, client_id=client_id)
 
@@ -163,10 +164,6 @@ class Aggregator:
                     out[lora_key(module, "lora_B")] = (B.dtype, (B.shape[0], rank))
             self._layouts[rank] = out
         return self._layouts[rank]
-
-    def change_norm(self, update: dict[str, Tensor], client_id: str, rank: int) -> float:
-        """The L2 norm of a (checked) update's change from the tensors the client started from."""
-        return change_norm(update, self.strategy.client_start(self.state, client_id, rank))
 
     def accept(self, update: dict[str, Tensor], num_samples: int, client_id: str, norm: Optional[float] = None) -> None:
         """Validate one client's update and fold it in. A rejected update changes nothing.
@@ -237,11 +234,8 @@ class Aggregator:
         refused = {}
         for u in updates:
             start = self.strategy.client_start(self.state, u.client_id, u.rank)
-            total = 0.0
             try:
-                for key in u.file.specs:
-                    value = u.read(key)
-                    total += float(torch.sum((value.double() - start[key].double()) ** 2))
+                total = sum(squared_change(u.read(key), start[key]) for key in u.file.specs)
             except InvalidUpdateError as err:
                 refused[u.client_id] = err
                 continue

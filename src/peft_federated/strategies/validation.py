@@ -74,10 +74,12 @@ def check_update(
 
 def change_norm(update: dict[str, Tensor], start: dict[str, Tensor]) -> float:
     """L2 norm of an update's change from the tensors the client started from, all tensors together."""
-    total = 0.0
-    for key, value in update.items():
-        total += float(torch.sum((value.double() - start[key].double()) ** 2))
-    return total**0.5
+    return sum(squared_change(value, start[key]) for key, value in update.items()) ** 0.5
+
+
+def squared_change(value: Tensor, start: Tensor) -> float:
+    """Squared L2 norm of one tensor's change, in float64 (`change_norm` sums it over an update)."""
+    return float(torch.sum((value.double() - start.double()) ** 2))
 
 
 def clip_change(update: dict[str, Tensor], start: dict[str, Tensor], norm: float, bound: float) -> dict[str, Tensor]:
