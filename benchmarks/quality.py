@@ -42,7 +42,7 @@ METHODS = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
 
 def runs(args) -> list[dict]:
     """Every (method, alpha, rank, clients, seed) run of the benchmark, most telling first: the headline
-    setting with seed 0, the few-clients setting, alpha 1.0, rank 2, then the headline's other seeds."""
+    setting with seed 0, the few-clients setting, alpha 1.0, the headline's other seeds, then rank 2."""
     def setting(alpha, rank, clients, seed, methods=METHODS):
         return [dict(method=m, seed=seed, alpha=alpha, rank=rank, clients=clients) for m in methods]
 
@@ -50,9 +50,9 @@ def runs(args) -> list[dict]:
     grid = setting(0.1, 8, args.clients, 0) + central[:1]
     grid += setting(0.1, 8, 3, 0, ("fedit", "ffa", "rolora"))
     grid += setting(1.0, 8, args.clients, 0)
-    grid += setting(0.1, 2, args.clients, 0) + [dict(method="centralized", seed=0, alpha=None, rank=2, clients=1)]
     for seed in range(1, args.seeds):
         grid += setting(0.1, 8, args.clients, seed) + central[seed:seed + 1]
+    grid += setting(0.1, 2, args.clients, 0) + [dict(method="centralized", seed=0, alpha=None, rank=2, clients=1)]
     return grid
 
 

@@ -3,6 +3,9 @@ on each update in turn, bit for bit, for every strategy; bad files are refused a
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 import torch
 from helpers import make_config
@@ -10,6 +13,7 @@ from safetensors.torch import save_file
 from test_invariants import random_state, random_update
 
 from peft_federated import get_strategy
+from peft_federated.strategies import base
 from peft_federated.update_file import UpdateFile
 
 STRATEGIES = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
@@ -50,9 +54,67 @@ def test_files_module_by_module_equal_accept_one_by_one(tmp_path, gen, dtype, na
     assert sorted(agg.clients) == [f"c{k}" for k in range(len(SAMPLES))]
 
 
+def only_runs(monkeypatch, run_bytes):
+    """Fold plain means by runs of `run_bytes` at most, and fail if the module-by-module fold is used."""
+    def fail(*args):
+        raise AssertionError("folded module by module, not by runs")
+
+    monkeypatch.setattr(base, "RUN_BYTES", run_bytes)
+    monkeypatch.setattr(base.Aggregator, "_fold_modules", fail)
+
+
+@pytest.mark.parametrize("name", ["fedit", "ffa", "rolora"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("run_bytes", [1, 100, 2**20])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_plain_means_fold_by_runs_equal_accept_one_by_one(tmp_path, monkeypatch, gen, name, dtype, run_bytes, threads):
+    s = get_strategy(make_config(name, r=3))
+    state = random_state(gen, dtype, round=1)
+    ups = [random_update(state, gen, s.trainable_factors(1)) for _ in SAMPLES]
+    one_by_one = s.aggregate(state, [(f"c{k}", u, n) for k, (u, n) in enumerate(zip(ups, SAMPLES))])
+    only_runs(monkeypatch, run_bytes)  # 1 byte: one tensor a run; 100: a few; 1 MiB: the whole file
+    agg = s.aggregator(state, threads=threads)
+    paths = write_updates(tmp_path, ups)
+    assert agg.accept_files([(f"c{k}", p, n) for k, (p, n) in enumerate(zip(paths, SAMPLES))]) == {}
+    assert_same_state(agg.result(), one_by_one)
+
+
+def save_reversed(tensors: dict, path) -> None:
+    """A valid safetensors file with its tensors in the reverse of the order `save_file` gives."""
+    header, offset, blobs = {}, 0, []
+    for key in sorted(tensors, reverse=True):
+        data = tensors[key].contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+        header[key] = {"dtype": "F32", "shape": list(tensors[key].shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+def test_files_laid_out_differently_fold_module_by_module(tmp_path, monkeypatch, gen):
+    s = get_strategy(make_config("fedit", r=3))
+    state = random_state(gen, torch.float32, round=0)
+    ups = [random_update(state, gen) for _ in range(3)]
+    paths = write_updates(tmp_path, ups)
+    save_file({k: v.contiguous() for k, v in ups[1].items()}, str(paths[1]), metadata={"note": "x" * 100})
+    assert UpdateFile(paths[1]).layout() == UpdateFile(paths[0]).layout()  # metadata moves the data, not the layout
+    save_reversed(ups[2], paths[2])
+    assert UpdateFile(paths[2]).layout() != UpdateFile(paths[0]).layout()
+    calls = []
+    monkeypatch.setattr(base.Aggregator, "_fold_runs", lambda *a: calls.append("runs"))
+    agg = s.aggregator(state)
+    assert agg.accept_files([(f"c{k}", p, n) for k, (p, n) in enumerate(zip(paths, SAMPLES))]) == {}
+    assert calls == []
+    assert_same_state(agg.result(), s.aggregate(state, [(f"c{k}", u, n) for k, (u, n) in enumerate(zip(ups, SAMPLES))]))
+
+
+@pytest.mark.parametrize("name", ["fedex", "fedit"])  # module by module, and by runs (its check is deferred)
 @pytest.mark.parametrize("where", ["first", "last"])
-def test_non_finite_values_found_mid_fold_leave_no_trace(tmp_path, gen, where):
-    s = get_strategy(make_config("fedex", r=3))
+def test_non_finite_values_found_mid_fold_leave_no_trace(tmp_path, monkeypatch, gen, name, where):
+    if name == "fedit":
+        only_runs(monkeypatch, 100)
+    s = get_strategy(make_config(name, r=3))
     state = random_state(gen, torch.float32, round=1)
     ups = [random_update(state, gen) for _ in range(4)]
     bad = dict(ups[2])

@@ -95,7 +95,22 @@ class UpdateFile:
             end = max(end, data_start + stop)
         if end > size:
             raise self._refuse(f"is {size} bytes long but its header places tensor data up to byte {end} (truncated)")
+        self.data_start = data_start
         return specs
+
+    def layout(self) -> tuple[tuple[str, torch.dtype, tuple[int, ...], int], ...]:
+        """(name, dtype, shape, offset in the data section) of every tensor, in file order: two files
+        with the same layout hold the same tensors at the same places, whatever their metadata."""
+        return tuple((name, s.dtype, s.shape, s.start - self.data_start)
+                     for name, s in sorted(self.specs.items(), key=lambda kv: kv[1].start))
+
+    def read_range(self, start: int, buffer: Tensor) -> Tensor:
+        """Fill the uint8 `buffer` with the file's bytes from `start` (an absolute offset) on, in one
+        `pread`: the raw bytes of a run of tensors that lie back to back."""
+        got = os.preadv(self._fd, [memoryview(buffer.numpy())], start) if buffer.numel() else 0
+        if got != buffer.numel():
+            raise self._refuse(f"ended at byte {start + got}, inside its tensor data (truncated)")
+        return buffer
 
     def read(self, name: str, buffer: Optional[Tensor] = None) -> Tensor:
         """The tensor `name`, read from the file (nothing is memory-mapped): into a new tensor, or into
@@ -106,11 +121,7 @@ class UpdateFile:
             out = torch.empty(spec.shape, dtype=spec.dtype)
         else:
             out = buffer[: spec.nbytes].view(spec.dtype).view(spec.shape)
-        if spec.nbytes:
-            view = memoryview(out.view(-1).view(torch.uint8).numpy())
-            got = os.preadv(self._fd, [view], spec.start)
-            if got != spec.nbytes:
-                raise self._refuse(f"ended while reading {name!r} (truncated)")
+        self.read_range(spec.start, out.view(-1).view(torch.uint8))
         return out
 
     def close(self) -> None:

@@ -14,10 +14,12 @@ together and folds them module by module, with the same result bit for bit.
 
 from __future__ import annotations
 
+import math
 import os
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 
 import torch
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from peft_federated.config import FederatedLoraConfig
 
 BOTH = ("lora_A", "lora_B")
+RUN_BYTES = 2 * 2**20  # a run of a plain mean's fold: its means and one client's copy of it stay in cache
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
 
@@ -289,45 +292,123 @@ class Aggregator:
         return refused
 
     def _fold(self, updates: list["FileUpdate"]) -> None:
-        """Every module (and extra tensor) of every update, in `threads` workers that each take a
-        contiguous share of the modules: each module still sees the clients in order, so the result
-        does not depend on the number of workers. Reads and torch kernels release the GIL, so one
-        worker's reads overlap another's arithmetic."""
-        bound = self.strategy.config.max_update_norm
-        clip = {u.client_id: self.strategy.client_start(self.state, u.client_id, u.rank)
-                for u in updates if bound is not None and u.norm > bound}
-
-        def fold(tasks: list[tuple[str, object]]) -> None:
-            buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]  # this worker's, reused
-
-            def read(u: "FileUpdate", keys: tuple[str, ...]) -> list[Optional[Tensor]]:
-                values = {}
-                for slot, k in enumerate(keys):
-                    if k in u.file.specs:
-                        if buffers[slot].numel() < u.file.specs[k].nbytes:
-                            buffers[slot] = torch.empty(u.file.specs[k].nbytes, dtype=torch.uint8)
-                        values[k] = u.read(k, buffers[slot])
-                if u.client_id in clip:
-                    values = clip_change(values, clip[u.client_id], u.norm, bound)
-                return [values.get(k) for k in keys]
-
-            for name, agg in tasks:
-                if isinstance(agg, WeightedMean):
-                    for u in updates:
-                        agg.add(*read(u, (name,)), u.weight)
-                else:
-                    keys = (lora_key(name, "lora_A"), lora_key(name, "lora_B"))
-                    for u in updates:
-                        agg.accept(*read(u, keys), u.weight)
-
-        tasks = [*self.modules.items(), *self.extras.items()]
+        """Fold every update in, in `threads` workers that each take a contiguous share of the work:
+        each tensor still sees the clients in order, so the result does not depend on the number of
+        workers. Reads and torch kernels release the GIL, so one worker's reads overlap another's
+        arithmetic. A plain weighted mean of files laid out alike goes by runs of bytes
+        (`_fold_runs`), anything else module by module (`_fold_modules`)."""
+        runs = self._mean_runs(updates)
+        if runs is not None:
+            tasks, fold = runs, partial(self._fold_runs, updates)
+        else:
+            tasks, fold = [*self.modules.items(), *self.extras.items()], partial(self._fold_modules, updates)
         workers = max(1, min(self.threads, len(tasks)))
         if workers == 1:
             return fold(tasks)
         shares = [tasks[len(tasks) * i // workers: len(tasks) * (i + 1) // workers] for i in range(workers)]
         with ThreadPoolExecutor(workers) as pool:
-            for future in [pool.submit(fold, share) for share in shares]:
+            for future in [pool.submit(single_threaded, fold, share) for share in shares]:
                 future.result()  # re-raises a worker's InvalidUpdateError (a client found non-finite)
+
+    def _fold_modules(self, updates: list["FileUpdate"], tasks: list[tuple[str, object]]) -> None:
+        """Each module's (or extra tensor's) copy of every client in turn, read tensor by tensor."""
+        bound = self.strategy.config.max_update_norm
+        clip = {u.client_id: self.strategy.client_start(self.state, u.client_id, u.rank)
+                for u in updates if bound is not None and u.norm > bound}
+        buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]  # this worker's, reused
+
+        def read(u: "FileUpdate", keys: tuple[str, ...]) -> list[Optional[Tensor]]:
+            values = {}
+            for slot, k in enumerate(keys):
+                if k in u.file.specs:
+                    if buffers[slot].numel() < u.file.specs[k].nbytes:
+                        buffers[slot] = torch.empty(u.file.specs[k].nbytes, dtype=torch.uint8)
+                    values[k] = u.read(k, buffers[slot])
+            if u.client_id in clip:
+                values = clip_change(values, clip[u.client_id], u.norm, bound)
+            return [values.get(k) for k in keys]
+
+        for name, agg in tasks:
+            if isinstance(agg, WeightedMean):
+                for u in updates:
+                    agg.add(*read(u, (name,)), u.weight)
+            else:
+                keys = (lora_key(name, "lora_A"), lora_key(name, "lora_B"))
+                for u in updates:
+                    agg.accept(*read(u, keys), u.weight)
+
+    def _mean_runs(self, updates: list["FileUpdate"]) -> Optional[list["MeanRun"]]:
+        """The work of a plain weighted mean as runs of tensors that lie back to back in every file,
+        each about `RUN_BYTES` long; None unless every module aggregates by `FedAvgModule.accept`,
+        no update is clipped, all files share one layout (the same tensors at the same offsets) and
+        nothing was folded in before."""
+        bound = self.strategy.config.max_update_norm
+        if (not updates or self.clients or any(type(agg).accept is not FedAvgModule.accept for agg in self.modules.values())
+                or any(bound is not None and u.norm > bound for u in updates)):
+            return None
+        layout = updates[0].file.layout()
+        if any(u.file.layout() != layout for u in updates[1:]):
+            return None
+        means = dict(self.extras)
+        for module, agg in self.modules.items():
+            means[lora_key(module, "lora_A")], means[lora_key(module, "lora_B")] = agg.mean_A, agg.mean_B
+        runs: list[MeanRun] = []
+        for name, dtype, shape, offset in layout:
+            nbytes = math.prod(shape) * dtype.itemsize
+            run = runs[-1] if runs else None
+            if (run is None or run.offset + run.nbytes != offset or run.nbytes + nbytes > RUN_BYTES
+                    or run.nbytes % dtype.itemsize):
+                runs.append(run := MeanRun(offset))
+            run.tensors.append((name, dtype, shape, run.nbytes, means[name]))
+            run.nbytes += nbytes
+        return runs
+
+    def _fold_runs(self, updates: list["FileUpdate"], runs: list["MeanRun"]) -> None:
+        """Each run of every client in turn: one `pread` of the run into a reused buffer, then one
+        `lerp_` per tensor, as `WeightedMean.add` does (so bit for bit the same result). Values are
+        checked once per run, on the running means: NaN or Inf in any client's values leaves them
+        non-finite, and only then are the clients' copies of that run checked to find whose it was."""
+        largest = max(run.nbytes for run in runs)
+        buffer, wide = torch.empty(largest, dtype=torch.uint8), None
+        for run in runs:
+            raw = [buffer[o: o + math.prod(shape) * d.itemsize].view(d) for _, d, shape, o, _ in run.tensors]
+            dtypes = [torch.promote_types(d, torch.float32) for _, d, _, _, _ in run.tensors]
+            if wide is None and any(dt != x.dtype for x, dt in zip(raw, dtypes)):
+                wide = torch.empty(largest * 4, dtype=torch.uint8)  # narrow values widened, as WeightedMean.add does
+            converted = [wide[o * 4: (o * 4) + x.numel() * dt.itemsize].view(dt) if dt != x.dtype else x
+                         for (_, _, _, o, _), x, dt in zip(run.tensors, raw, dtypes)]
+            widen = ([c for c, x in zip(converted, raw) if c is not x], [x for c, x in zip(converted, raw) if c is not x])
+            means = [torch.empty(x.numel(), dtype=dt) for x, dt in zip(raw, dtypes)]
+            total = 0.0
+            for i, u in enumerate(updates):
+                self._read_run(u, run, buffer)
+                total += u.weight
+                if i == 0:
+                    torch._foreach_copy_(means, raw)
+                elif total > 0:  # as WeightedMean.add: a zero weight while the total is zero moves nothing
+                    if widen[0]:
+                        torch._foreach_copy_(*widen)
+                    torch._foreach_lerp_(means, converted, u.weight / total)
+            if not all(u.checked for u in updates) and not all(all_finite(m) for m in means):
+                self._find_nonfinite(updates, run, buffer, raw)
+            for (_, _, shape, _, mean), value in zip(run.tensors, means):
+                mean.mean, mean.total = value.view(shape), total
+
+    def _read_run(self, u: "FileUpdate", run: "MeanRun", buffer: Tensor) -> None:
+        try:
+            u.file.read_range(u.file.data_start + run.offset, buffer[: run.nbytes])
+        except ValueError as err:  # the file changed under us (truncated since it was opened)
+            raise InvalidUpdateError(u.client_id, u.file.round, str(err)) from None
+
+    def _find_nonfinite(self, updates: list["FileUpdate"], run: "MeanRun", buffer: Tensor, raw: list[Tensor]) -> None:
+        """Raise for the first client whose copy of `run` holds NaN or Inf (none may: finite values
+        whose mean overflowed, as `accept` would give too)."""
+        for u in updates:
+            if not u.checked:
+                self._read_run(u, run, buffer)
+                for (name, *_), x in zip(run.tensors, raw):
+                    if not all_finite(x):
+                        raise InvalidUpdateError(u.client_id, u.file.round, f"{name} holds NaN or Inf values.")
 
     def result(self) -> GlobalState:
         """The next global state: round + 1, aggregated factors, the base change folded into base_delta."""
@@ -349,6 +430,28 @@ class Aggregator:
             base_delta=base_delta,
             strategy_state=self.strategy.next_strategy_state(self.state, self.clients),
         )
+
+
+def single_threaded(fn, *args) -> None:
+    """`fn(*args)` with torch's own intra-op threads off in this (worker) thread: the workers already
+    share the cores, and each splitting its small kernels over every core only makes them wait on
+    each other."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fn(*args)
+    finally:
+        torch.set_num_threads(before)
+
+
+@dataclass
+class MeanRun:
+    """Tensors that lie back to back in every update file of a round: (name, dtype, shape, offset in
+    the run, the `WeightedMean` it feeds) each, from `offset` in the data section on."""
+
+    offset: int
+    nbytes: int = 0
+    tensors: list = field(default_factory=list)
 
 
 @dataclass
