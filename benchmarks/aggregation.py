@@ -5,11 +5,12 @@ q/k/v/o_proj of 32 layers, hidden 4096, PEFT's key names), written by `LocalStor
 For each K every method aggregates the same first K files (FedAvg weighted by sample counts), each
 in a fresh subprocess so its peak RSS is its own:
 
-- ours:           `get_strategy(config).aggregator(state).accept_files(files)`: module by module, each
-                  module of every client read (pread) while that module's running mean stays in cache,
-                  headers and values checked (no sha256 check): the library's path.
-- ours_store:     the same after `LocalStore.update_file` verifies each file's sha256 (what
-                  `aggregate_round` does).
+- ours:           `get_strategy(config).aggregator(state).accept_files(files)`: headers checked, then
+                  2 MiB runs of back-to-back tensors, each run of every client read (pread) in turn
+                  while that run's running means stay in cache, in worker threads; values checked (no
+                  sha256 check): the library's path.
+- ours_store:     the same after `fetch_update_files` verifies each file's sha256 (in threads), as
+                  `aggregate_round` does.
 - ours_accept:    `accept()` one update at a time, each file loaded by safetensors (memory-mapped),
                   client by client: the library's per-update path.
 - flower:         `flwr.server.strategy.aggregate.aggregate` over numpy arrays (every update held in
@@ -150,6 +151,14 @@ def global_state(dtype: torch.dtype):
     return config, GlobalState(round=0, tensors=tensors)
 
 
+def aggregator_threads() -> int:
+    """The worker threads of `accept_files` on this machine (the library's default)."""
+    from peft_federated.strategies import get_strategy
+
+    config, state = global_state(torch.float32)
+    return get_strategy(config).aggregator(state).threads
+
+
 def run_ours(store, k_clients: int, dtype: torch.dtype, through_store: bool):
     from peft_federated.strategies import get_strategy
 
@@ -158,9 +167,11 @@ def run_ours(store, k_clients: int, dtype: torch.dtype, through_store: bool):
     baseline = current_rss()
     reset_peak_rss()
     start = time.perf_counter()
-    if through_store:  # what aggregate_round does: each file checked against its sha256 first
-        files = [(client_id(k), *store.update_file(0, client_id(k))) for k in range(k_clients)]
-        files = [(c, path, meta["num_samples"]) for c, path, meta in files]
+    if through_store:  # what aggregate_round does: each file checked against its sha256 first, in threads
+        from peft_federated.aggregator import fetch_update_files
+
+        fetched = fetch_update_files(store, 0, [client_id(k) for k in range(k_clients)])
+        files = [(c, path, meta["num_samples"]) for c, (path, meta) in fetched]
     else:
         files = [(client_id(k), update_path(store, k), num_samples(k)) for k in range(k_clients)]
     aggregator = get_strategy(config).aggregator(state)
@@ -189,7 +200,7 @@ def run_ours_accept(store, k_clients: int, dtype: torch.dtype):
 
 def run_ours_breakdown(store, k_clients: int, dtype: torch.dtype):
     """Where `ours` spends its time, per client (diagnostic): opening the files and checking their headers,
-    reading every tensor in the fold's order without aggregating, and the whole `accept_files`."""
+    reading the fold's runs in its order (one thread) without aggregating, and the whole `accept_files`."""
     from peft_federated.strategies import get_strategy
 
     config, state = global_state(dtype)
@@ -198,9 +209,11 @@ def run_ours_breakdown(store, k_clients: int, dtype: torch.dtype):
     t0 = time.perf_counter()
     opened, _ = aggregator.open_files(files)
     t1 = time.perf_counter()
-    for key in opened[0].file.specs:
+    runs = aggregator._mean_runs(opened)
+    buffer = torch.empty(max(run.nbytes for run in runs), dtype=torch.uint8)
+    for run in runs:
         for u in opened:
-            u.file.read(key)
+            u.file.read_range(u.file.data_start + run.offset, buffer[: run.nbytes])
     t2 = time.perf_counter()
     for u in opened:
         u.file.close()
@@ -411,6 +424,7 @@ def main() -> None:
         "adapter_bytes": adapter_bytes,
         "adapter_parameters": adapter_numel(),
         "threads": args.threads,
+        "aggregator_threads": aggregator_threads(),
         "repeats": args.repeats,
         "flwr_version": flwr.__version__,
         "bandwidth": {"page_cache_read_bytes_per_s": {str(k): v for k, v in read_bw.items()}, **mem,
@@ -418,8 +432,8 @@ def main() -> None:
                       "bound": "min(page-cache sequential read of the K files (fastest pass, one right before every run), "
                                "in-memory read (sum)); files in page cache, caches never dropped"},
         "ours_breakdown": {"clients": k_diag, "seconds_per_client": breakdown["phases"],
-                           "note": "per client: open_and_check_headers (open_files), read_only (every tensor read in "
-                                   "the fold's order, nothing aggregated), accept_files (the whole fold: read, check, "
+                           "note": "per client: open_and_check_headers (open_files), read_only (the fold's runs read in "
+                                   "its order by one thread, nothing aggregated), accept_files (the whole fold: read, check, "
                                    "aggregate); result: once per round, in seconds"},
         "targets": {"fraction_of_bound": 0.6, "peak_above_baseline_adapters": 3.0, "speedup_vs_naive": 2.0},
         "runs": runs,

@@ -60,10 +60,10 @@ def aggregation(data: dict) -> str:
         "",
     ]
     out += [
-        "Methods: `ours` = the library's path (`get_strategy(config).aggregator(state).accept_files(files)`: module by "
-        "module, each module of every client read with pread while that module's running mean stays in cache, in "
-        "2 worker threads over shares of the modules, headers and values validated); `ours_store` = the same after "
-        "`LocalStore.update_file` checks each file's sha256 (what `aggregate_round` does); `ours_accept` = "
+        "Methods: `ours` = the library's path (`get_strategy(config).aggregator(state).accept_files(files)`: headers "
+        "checked, then 2 MiB runs of back-to-back tensors, each run of every client read with one pread while that "
+        f"run's running means stay in cache, in {data.get('aggregator_threads', 2)} worker threads, values checked); `ours_store` = the "
+        "same after `fetch_update_files` checks each file's sha256 in threads (what `aggregate_round` does); `ours_accept` = "
         "`accept()` one update at a time, each file loaded by safetensors (memory-mapped); `flower` = "
         "`flwr.server.strategy.aggregate.aggregate` over numpy arrays of every update; `flower_message` = "
         "`aggregate_arrayrecords`, what Flower's current (Message API) FedAvg calls; `naive` = load every file, "

@@ -199,3 +199,19 @@ def test_update_file_reads_what_safetensors_wrote(tmp_path, gen):
         for key, value in tensors.items():
             assert f.specs[key].dtype == value.dtype and f.specs[key].shape == tuple(value.shape)
             assert torch.equal(f.read(key), value)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_result_is_not_changed_by_later_updates(gen, dtype):
+    """`result()` hands out the running means themselves (no copy of the adapter); a later update
+    must not change a result already given."""
+    s = get_strategy(make_config("fedit", r=3))
+    state = random_state(gen, dtype, round=0)
+    ups = [random_update(state, gen) for _ in range(2)]
+    agg = s.aggregator(state)
+    agg.accept(ups[0], 4, "c0")
+    first = agg.result()
+    kept = {k: v.clone() for k, v in first.tensors.items()}
+    agg.accept(ups[1], 1, "c1")
+    assert all(torch.equal(first.tensors[k], kept[k]) for k in kept)
+    assert_same_state(agg.result(), s.aggregate(state, [("c0", ups[0], 4), ("c1", ups[1], 1)]))

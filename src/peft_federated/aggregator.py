@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Optional
 
 from peft_federated.config import FederatedLoraConfig
@@ -17,6 +19,7 @@ from peft_federated.hub_integration.store import RoundAlreadyPublishedError, Rou
 from peft_federated.strategies import InvalidUpdateError, get_strategy
 
 logger = logging.getLogger(__name__)
+FETCH_THREADS = 8  # update files fetched (downloaded, sha256-checked) at a time
 
 
 def aggregate_round(
@@ -30,9 +33,10 @@ def aggregate_round(
     was trained from another round or base commit; it fails the strategy's checks (names, shapes,
     ranks, dtypes, finite values, `max_update_norm`); its bytes repeat an earlier client's update (an
     update counts once); or, with `norm_outlier_factor` and at least 3 valid updates, its change-norm is
-    above that factor times the round's median norm. The updates are aggregated from their files
-    module by module (`Aggregator.accept_files`); the norms, where a setting needs them, come from a
-    first pass that reads each update and keeps only its norm. Memory stays near one update.
+    above that factor times the round's median norm. The files are fetched and checked against their
+    sha256 in threads (`fetch_update_files`), then aggregated together (`Aggregator.accept_opened`); the
+    norms, where a setting needs them, come from a first pass that reads each update and keeps only
+    its norm. Memory stays near one update.
     Accepted updates are listed in `contributions` with their sha256 (anyone can re-verify the round)
     and their change-norm where a norm setting had it measured (else null: no extra pass is paid for it).
     Returns the published round, or None when no valid update was there.
@@ -52,9 +56,11 @@ def aggregate_round(
         logger.warning("%s", err)
 
     files, metas, first_of = [], {}, {}
-    for client_id in submitted:
+    for client_id, got in fetch_update_files(store, state.round, submitted, config.max_update_bytes):
         try:
-            path, meta = store.update_file(state.round, client_id, max_bytes=config.max_update_bytes)
+            if isinstance(got, Exception):
+                raise got
+            path, meta = got
             if meta.get("client_id") != client_id or meta.get("round") != state.round:
                 raise InvalidUpdateError(client_id, state.round, f"its update.json is for client {meta.get('client_id')!r}, "
                                          f"round {meta.get('round')!r}: a client submits only its own update, in that round's folder")
@@ -106,6 +112,22 @@ def aggregate_round(
     except RoundAlreadyPublishedError:
         logger.info("round %d was published by another aggregator", new.round)
     return new.round
+
+
+def fetch_update_files(
+    store: RoundStore, round: int, client_ids: list[str], max_bytes: Optional[int] = None
+) -> list[tuple[str, "tuple[Path, dict] | Exception"]]:
+    """(client_id, `store.update_file(...)`: a local path checked against its sha256, and the update's
+    metadata) for each client, or the error that refuses its update; `FETCH_THREADS` at a time, so
+    downloads and sha256 checks overlap."""
+    def fetch(client_id: str):
+        try:
+            return store.update_file(round, client_id, max_bytes=max_bytes)
+        except (InvalidUpdateError, ValueError) as err:
+            return err
+
+    with ThreadPoolExecutor(max(1, min(FETCH_THREADS, len(client_ids)))) as pool:
+        return list(zip(client_ids, pool.map(fetch, client_ids)))
 
 
 def serve(

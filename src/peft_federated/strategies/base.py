@@ -9,7 +9,7 @@ Sample-count vs uniform weighting and update validation live here once, for ever
 The server side streams, like NVIDIA FLARE's `accept_model`: `Aggregator.accept(update, ...)` folds
 one client's update into running sums and `result()` gives the next `GlobalState`, so server memory
 does not grow with the number of clients. `Aggregator.accept_files` takes a round's update files
-together and folds them module by module, with the same result bit for bit.
+together and folds them piece by piece (runs of tensors, or modules), with the same result bit for bit.
 """
 
 from __future__ import annotations
@@ -65,9 +65,12 @@ class WeightedMean:
     def __init__(self) -> None:
         self.mean: Optional[Tensor] = None
         self.total = 0.0
+        self._given = False  # `mean` itself was handed out by `value`: copy it before changing it
 
     def add(self, x: Tensor, weight: float) -> None:
         self.total += weight
+        if self._given and self.mean is not None:
+            self.mean, self._given = self.mean.clone(), False
         if self.mean is None:
             self.mean = x.to(torch.promote_types(x.dtype, torch.float32), copy=True)
         elif self.total > 0:  # a zero weight while the total is still zero: nothing to move
@@ -83,7 +86,10 @@ class WeightedMean:
             raise ValueError("No update was accepted.")
         if self.total == 0:  # every weight was zero (e.g. HetLoRA norms of all-zero updates)
             raise ZeroDivisionError("All aggregation weights are zero.")
-        return self.mean.to(dtype, copy=True)
+        if self.mean.dtype != dtype:
+            return self.mean.to(dtype)
+        self._given = True  # no copy of a whole adapter per round; a later `add` copies instead
+        return self.mean
 
 
 class ModuleAggregator(ABC):
@@ -208,7 +214,7 @@ class Aggregator:
             "rate or local steps, or raise the bound (or set clip_updates=True).",
         )
 
-    # ---- many files at once, module by module ------------------------------------------------------
+    # ---- many files at once, piece by piece --------------------------------------------------------
     def open_files(self, files: Sequence[tuple[str, "str | os.PathLike", int]]) -> tuple[list["FileUpdate"], dict[str, Exception]]:
         """Open (client_id, path, num_samples) update files and check what their headers say (names,
         ranks, shapes, dtypes) without reading any value: the valid ones, and the refused with why."""
@@ -249,13 +255,14 @@ class Aggregator:
         """Fold in several clients' update files at once; the refused clients and why (nothing of theirs
         is folded in, nothing is raised for them).
 
-        The result is bit for bit that of `accept` on each file in turn, but the work goes module by
-        module: each module's running aggregate stays in the CPU cache while every client's copy of
-        that module is read from its file (`UpdateFile`), so the files stream through memory about
-        once and nothing is memory-mapped. Values are checked as they are read; a client whose
-        values turn out non-finite is dropped and the fold restarts without it, so it leaves no trace
-        (a first, client-by-client pass checks them instead when `max_update_norm` needs the norms
-        first, or when this aggregator already holds updates).
+        The result is bit for bit that of `accept` on each file in turn, but the work goes piece by
+        piece (`_fold`: runs of tensors for a plain mean, else modules): each piece's running
+        aggregate stays in the CPU cache while every client's copy of that piece is read from its
+        file (`UpdateFile`), so the files stream through memory about once and nothing is
+        memory-mapped. Values are checked as they are folded in; a client whose values turn out
+        non-finite is dropped and the fold restarts without it, so it leaves no trace (a first,
+        client-by-client pass checks them instead when `max_update_norm` needs the norms first, or
+        when this aggregator already holds updates).
         """
         updates, refused = self.open_files(files)
         try:
