@@ -160,8 +160,8 @@ def _order(method: str) -> int:
     return (METHODS + ["centralized"]).index(method)
 
 
-def plot(results: dict[str, dict]) -> list[str]:
-    """Accuracy and macro-F1 per round, one panel per setting (seed 0)."""
+def plot(results: dict[str, dict], clients: int) -> list[str]:
+    """Accuracy and macro-F1 per round, one panel per setting (seed 0), and the headline plot."""
     plt = pyplot()
     settings = sorted({(r["alpha"], r["rank"], r["clients"]) for r in results.values() if r["method"] != "centralized"})
     paths = []
@@ -180,7 +180,34 @@ def plot(results: dict[str, dict]) -> list[str]:
         axes[0][-1].legend(fontsize=7)
         paths.append(str(save_figure(fig, f"quality_{metric}")))
         plt.close(fig)
-    return paths
+    return paths + plot_headline(results, clients)
+
+
+def plot_headline(results: dict[str, dict], clients: int) -> list[str]:
+    """The headline setting's accuracy per round: mean over its seeds, the band from the lowest to
+    the highest seed; centralized LoRA dashed."""
+    import numpy as np
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    seeds = set()
+    for method in METHODS + ["centralized"]:
+        rs = [r for r in results.values() if r["method"] == method and r["rank"] == 8
+              and (method == "centralized" or (r["alpha"], r["clients"]) == (0.1, clients))]
+        if not rs:
+            continue
+        seeds.add(len(rs))
+        acc = np.array([r["accuracy"] for r in rs])
+        line, = ax.plot(acc.mean(0), "--" if method == "centralized" else "-", marker=".", label=f"{method} ({len(rs)})")
+        ax.fill_between(range(acc.shape[1]), acc.min(0), acc.max(0), color=line.get_color(), alpha=0.12)
+    ax.set(xlabel="round", ylabel="test accuracy",
+           title=f"Dirichlet alpha 0.1, rank 8, {clients} clients: mean over seeds (band: min to max)")
+    ax.title.set_fontsize(9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, title="method (seeds)", title_fontsize=7)
+    path = save_figure(fig, "quality_headline")
+    plt.close(fig)
+    return [str(path)]
 
 
 def main() -> None:
@@ -214,7 +241,7 @@ def main() -> None:
 
     def save(**extra) -> None:
         write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
-                               "summary": summarize(results, args.seeds), "plots": plot(results), **extra})
+                               "summary": summarize(results, args.seeds), "plots": plot(results, args.clients), **extra})
 
     if args.plot_only:  # the summary and plots of the runs saved so far, under the command that ran them
         return save(command=saved.get("command"))

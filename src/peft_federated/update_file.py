@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from pathlib import Path
@@ -53,6 +54,8 @@ class UpdateFile:
 
     def __init__(self, path: str | os.PathLike, client_id: str = "?", round: int = -1) -> None:
         self.path, self.client_id, self.round, self._fd = Path(path), client_id, round, -1
+        self._mmap: Optional[mmap.mmap] = None
+        self._mapped: Optional[Tensor] = None
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
             self.specs = self._read_header()
@@ -125,7 +128,34 @@ class UpdateFile:
         self.read_range(spec.start, out.view(-1).view(torch.uint8))
         return out
 
+    def view_range(self, start: int, nbytes: int) -> Tensor:
+        """The file's bytes [start, start + nbytes) as a uint8 tensor over a memory mapping of the file:
+        no copy, the page cache's own pages (mapped private, so nothing can write to the file). The
+        file's size is checked first, so a file cut short since it was opened is refused here rather
+        than fault when read; a file changed in place while its view is in use is not detected (the
+        stores never change a file in place: they replace it). `release` the range when done."""
+        if os.fstat(self._fd).st_size < start + nbytes:
+            raise self._refuse(f"is now {os.fstat(self._fd).st_size} bytes long, shorter than when it was opened (truncated)")
+        if self._mapped is None:
+            self._mmap = mmap.mmap(self._fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._mapped = torch.frombuffer(self._mmap, dtype=torch.uint8)
+        return self._mapped[start: start + nbytes]
+
+    def release(self, start: int, nbytes: int) -> None:
+        """Unmap the pages of [start, start + nbytes) (they stay in the page cache): the process's
+        resident memory keeps to the ranges in use, whatever the number and size of the files."""
+        if self._mmap is not None and nbytes:
+            first = start - start % mmap.PAGESIZE
+            self._mmap.madvise(mmap.MADV_DONTNEED, first, min(start + nbytes, len(self._mmap)) - first)
+
     def close(self) -> None:
+        self._mapped = None
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a view handed out is still alive: the mapping goes with it
+                pass
+            self._mmap = None
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

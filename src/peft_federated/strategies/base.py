@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from peft_federated.config import FederatedLoraConfig
 
 BOTH = ("lora_A", "lora_B")
-RUN_BYTES = 2 * 2**20  # a run of a plain mean's fold: its means and one client's copy of it stay in cache
+RUN_BYTES = 4 * 2**20  # a run of a plain mean's fold: its means and one client's copy of it stay in cache
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
 
@@ -345,7 +345,7 @@ class Aggregator:
                     agg.accept(*read(u, keys), u.weight)
 
     def _mean_runs(self, updates: list["FileUpdate"]) -> Optional[list["MeanRun"]]:
-        """The work of a plain weighted mean as runs of tensors that lie back to back in every file,
+        """The work of a plain weighted mean as runs of tensors of one dtype, back to back in every file,
         each about `RUN_BYTES` long; None unless every module aggregates by `FedAvgModule.accept`,
         no update is clipped, all files share one layout (the same tensors at the same offsets) and
         nothing was folded in before."""
@@ -364,58 +364,59 @@ class Aggregator:
             nbytes = math.prod(shape) * dtype.itemsize
             run = runs[-1] if runs else None
             if (run is None or run.offset + run.nbytes != offset or run.nbytes + nbytes > RUN_BYTES
-                    or run.nbytes % dtype.itemsize):
+                    or run.tensors[0][1] != dtype):
                 runs.append(run := MeanRun(offset))
             run.tensors.append((name, dtype, shape, run.nbytes, means[name]))
             run.nbytes += nbytes
         return runs
 
     def _fold_runs(self, updates: list["FileUpdate"], runs: list["MeanRun"]) -> None:
-        """Each run of every client in turn: one `pread` of the run into a reused buffer, then one
-        `lerp_` per tensor, as `WeightedMean.add` does (so bit for bit the same result). Values are
-        checked once per run, on the running means: NaN or Inf in any client's values leaves them
-        non-finite, and only then are the clients' copies of that run checked to find whose it was."""
-        largest = max(run.nbytes for run in runs)
-        buffer, wide = torch.empty(largest, dtype=torch.uint8), None
+        """Each run of every client in turn, read where it lies in the page cache (`UpdateFile.view_range`:
+        mapped, not copied) by one `lerp_` per tensor, as `WeightedMean.add` does (so bit for bit the
+        same result), then unmapped. Values are checked once per run, on the running means: NaN or Inf
+        in any client's values leaves them non-finite, and only then are the clients' copies of that
+        run checked to find whose it was."""
+        wide = None  # narrow values widened to float32 first, as WeightedMean.add does
         for run in runs:
-            raw = [buffer[o: o + math.prod(shape) * d.itemsize].view(d) for _, d, shape, o, _ in run.tensors]
-            dtypes = [torch.promote_types(d, torch.float32) for _, d, _, _, _ in run.tensors]
-            if wide is None and any(dt != x.dtype for x, dt in zip(raw, dtypes)):
-                wide = torch.empty(largest * 4, dtype=torch.uint8)  # narrow values widened, as WeightedMean.add does
-            converted = [wide[o * 4: (o * 4) + x.numel() * dt.itemsize].view(dt) if dt != x.dtype else x
-                         for (_, _, _, o, _), x, dt in zip(run.tensors, raw, dtypes)]
-            widen = ([c for c, x in zip(converted, raw) if c is not x], [x for c, x in zip(converted, raw) if c is not x])
-            means = [torch.empty(x.numel(), dtype=dt) for x, dt in zip(raw, dtypes)]
+            dtype, sizes = run.tensors[0][1], [math.prod(shape) for _, _, shape, _, _ in run.tensors]
+            mean_dtype = torch.promote_types(dtype, torch.float32)
+            if mean_dtype != dtype and wide is None:
+                wide = torch.empty(max(run.nbytes // run.tensors[0][1].itemsize for run in runs), dtype=torch.float32)
+            widened = wide[: sum(sizes)] if mean_dtype != dtype else None
+            means = [torch.empty(n, dtype=mean_dtype) for n in sizes]
             total = 0.0
             for i, u in enumerate(updates):
-                self._read_run(u, run, buffer)
+                values = self._view_run(u, run).view(dtype)
                 total += u.weight
                 if i == 0:
-                    torch._foreach_copy_(means, raw)
+                    torch._foreach_copy_(means, values.split(sizes))
                 elif total > 0:  # as WeightedMean.add: a zero weight while the total is zero moves nothing
-                    if widen[0]:
-                        torch._foreach_copy_(*widen)
-                    torch._foreach_lerp_(means, converted, u.weight / total)
+                    if widened is not None:
+                        values = widened.copy_(values)
+                    torch._foreach_lerp_(means, values.split(sizes), u.weight / total)
+                u.file.release(u.file.data_start + run.offset, run.nbytes)
             if not all(u.checked for u in updates) and not all(all_finite(m) for m in means):
-                self._find_nonfinite(updates, run, buffer, raw)
+                self._find_nonfinite(updates, run)
             for (_, _, shape, _, mean), value in zip(run.tensors, means):
                 mean.mean, mean.total = value.view(shape), total
 
-    def _read_run(self, u: "FileUpdate", run: "MeanRun", buffer: Tensor) -> None:
+    def _view_run(self, u: "FileUpdate", run: "MeanRun") -> Tensor:
         try:
-            u.file.read_range(u.file.data_start + run.offset, buffer[: run.nbytes])
+            return u.file.view_range(u.file.data_start + run.offset, run.nbytes)
         except ValueError as err:  # the file changed under us (truncated since it was opened)
             raise InvalidUpdateError(u.client_id, u.file.round, str(err)) from None
 
-    def _find_nonfinite(self, updates: list["FileUpdate"], run: "MeanRun", buffer: Tensor, raw: list[Tensor]) -> None:
+    def _find_nonfinite(self, updates: list["FileUpdate"], run: "MeanRun") -> None:
         """Raise for the first client whose copy of `run` holds NaN or Inf (none may: finite values
         whose mean overflowed, as `accept` would give too)."""
+        sizes = [math.prod(shape) for _, _, shape, _, _ in run.tensors]
         for u in updates:
             if not u.checked:
-                self._read_run(u, run, buffer)
-                for (name, *_), x in zip(run.tensors, raw):
+                values = self._view_run(u, run).view(run.tensors[0][1]).split(sizes)
+                for (name, *_), x in zip(run.tensors, values):
                     if not all_finite(x):
                         raise InvalidUpdateError(u.client_id, u.file.round, f"{name} holds NaN or Inf values.")
+                u.file.release(u.file.data_start + run.offset, run.nbytes)
 
     def result(self) -> GlobalState:
         """The next global state: round + 1, aggregated factors, the base change folded into base_delta."""
@@ -453,8 +454,8 @@ def single_threaded(fn, *args) -> None:
 
 @dataclass
 class MeanRun:
-    """Tensors that lie back to back in every update file of a round: (name, dtype, shape, offset in
-    the run, the `WeightedMean` it feeds) each, from `offset` in the data section on."""
+    """Tensors of one dtype that lie back to back in every update file of a round: (name, dtype,
+    shape, offset in the run, the `WeightedMean` it feeds) each, from `offset` in the data section on."""
 
     offset: int
     nbytes: int = 0
