@@ -4,6 +4,7 @@ on each update in turn, bit for bit, for every strategy; bad files are refused a
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import pytest
@@ -215,3 +216,22 @@ def test_a_result_is_not_changed_by_later_updates(gen, dtype):
     agg.accept(ups[1], 1, "c1")
     assert all(torch.equal(first.tensors[k], kept[k]) for k in kept)
     assert_same_state(agg.result(), s.aggregate(state, [("c0", ups[0], 4), ("c1", ups[1], 1)]))
+
+
+@pytest.mark.parametrize("name", ["fedit", "fedex"])  # read by runs (mapped), and module by module (pread)
+def test_a_file_cut_short_after_opening_is_refused_not_a_crash(tmp_path, gen, name):
+    s = get_strategy(make_config(name, r=3))
+    state = random_state(gen, torch.float32, round=1)
+    ups = [random_update(state, gen, s.trainable_factors(1)) for _ in range(3)]
+    paths = write_updates(tmp_path, ups)
+    agg = s.aggregator(state)
+    opened, refused = agg.open_files([(f"c{k}", p, n) for k, (p, n) in enumerate(zip(paths, SAMPLES))])
+    assert refused == {}
+    os.truncate(paths[1], paths[1].stat().st_size - 100)  # changed in place after its header was checked
+    try:
+        refused = agg.accept_opened(opened)
+    finally:
+        for u in opened:
+            u.file.close()
+    assert list(refused) == ["c1"] and "truncated" in str(refused["c1"]) and "resubmit" in str(refused["c1"])
+    assert_same_state(agg.result(), s.aggregate(state, [("c0", ups[0], SAMPLES[0]), ("c2", ups[2], SAMPLES[2])]))
