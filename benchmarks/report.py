@@ -215,9 +215,13 @@ def _rolora_claim(summary: list[dict], clients: int) -> list[str]:
         ro, parts = rows["rolora"], []
         for other in ("fedit", "ffa"):
             o = rows[other]
-            gap, spread = ro["accuracy_mean"] - o["accuracy_mean"], max(ro["accuracy_std"] or 0, o["accuracy_std"] or 0)
+            gap, seeds = ro["accuracy_mean"] - o["accuracy_mean"], min(ro["seeds"], o["seeds"])
+            if seeds < 2:
+                parts.append(f"{'above' if gap > 0 else 'below'} {other} ({gap:+.3f}; one seed: no spread to judge by)")
+                continue
+            spread = max(ro["accuracy_std"], o["accuracy_std"])
             verdict = ("clearly above" if gap > spread else "clearly below" if -gap > spread else "within the seed spread of")
-            parts.append(f"{verdict} {other} ({gap:+.3f}; spread {spread:.3f} over {min(ro['seeds'], o['seeds'])} seed(s))")
+            parts.append(f"{verdict} {other} ({gap:+.3f}; spread {spread:.3f} over {seeds} seeds)")
         lines.append(f"- {label} ({k}, alpha 0.1, rank 8): rolora {ro['accuracy_mean']:.3f} is " + " and ".join(parts) + ".")
     return lines
 
