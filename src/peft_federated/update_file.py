@@ -2,11 +2,11 @@
 
 `safetensors.torch.load_file` maps the whole file and touches every page of it; aggregating K such
 files client after client streams each update and the running means through main memory. Reading a
-tensor (`UpdateFile.read`) or a run of back-to-back tensors (`UpdateFile.read_range`) at a time, one
-`pread` into a reused buffer, lets the aggregator take one piece of every client in turn while that
+piece at a time instead lets the aggregator take one piece of every client in turn while that
 piece's running mean stays in the CPU cache (`Aggregator.accept_files`), so each client byte crosses
-memory about once and nothing is memory-mapped (the server's resident memory stays near one adapter
-whatever the number of clients).
+memory about once: a tensor (`UpdateFile.read`, one `pread` into a reused buffer), or a run of
+back-to-back tensors where it lies in the page cache (`UpdateFile.view_range`, mapped, then
+`release`d), so the server's resident memory stays near one adapter whatever the number of clients.
 
 The header is parsed and checked up front: names, dtypes and shapes can be validated before any
 value is read, and a truncated or corrupt file is refused with the client named.

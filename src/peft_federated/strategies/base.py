@@ -258,8 +258,8 @@ class Aggregator:
         The result is bit for bit that of `accept` on each file in turn, but the work goes piece by
         piece (`_fold`: runs of tensors for a plain mean, else modules): each piece's running
         aggregate stays in the CPU cache while every client's copy of that piece is read from its
-        file (`UpdateFile`), so the files stream through memory about once and nothing is
-        memory-mapped. Values are checked as they are folded in; a client whose values turn out
+        file (`UpdateFile`), so the files stream through memory about once and resident memory
+        stays near one adapter. Values are checked as they are folded in; a client whose values turn out
         non-finite is dropped and the fold restarts without it, so it leaves no trace (a first,
         client-by-client pass checks them instead when `max_update_norm` needs the norms first, or
         when this aggregator already holds updates).
@@ -381,7 +381,7 @@ class Aggregator:
             dtype, sizes = run.tensors[0][1], [math.prod(shape) for _, _, shape, _, _ in run.tensors]
             mean_dtype = torch.promote_types(dtype, torch.float32)
             if mean_dtype != dtype and wide is None:
-                wide = torch.empty(max(run.nbytes // run.tensors[0][1].itemsize for run in runs), dtype=torch.float32)
+                wide = torch.empty(max(r.nbytes // dtype.itemsize for r in runs), dtype=torch.float32)
             widened = wide[: sum(sizes)] if mean_dtype != dtype else None
             means = [torch.empty(n, dtype=mean_dtype) for n in sizes]
             total = 0.0
