@@ -138,8 +138,8 @@ class UpdateFile:
         file's size is checked first, so a file cut short since it was opened is refused here rather
         than fault when read; a file changed in place while its view is in use is not detected (the
         stores never change a file in place: they replace it). `release` the range when done."""
-        if os.fstat(self._fd).st_size < start + nbytes:
-            raise self._refuse(f"is now {os.fstat(self._fd).st_size} bytes long, shorter than when it was opened (truncated)")
+        if (size := os.fstat(self._fd).st_size) < start + nbytes:
+            raise self._refuse(f"is now {size} bytes long, shorter than when it was opened (truncated)")
         if self._mapped is None:
             self._mmap = mmap.mmap(self._fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
             self._mapped = torch.frombuffer(self._mmap, dtype=torch.uint8)

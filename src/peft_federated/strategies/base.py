@@ -363,10 +363,9 @@ class Aggregator:
         for name, dtype, shape, offset in layout:
             nbytes = math.prod(shape) * dtype.itemsize
             run = runs[-1] if runs else None
-            if (run is None or run.offset + run.nbytes != offset or run.nbytes + nbytes > RUN_BYTES
-                    or run.tensors[0][1] != dtype):
-                runs.append(run := MeanRun(offset))
-            run.tensors.append((name, dtype, shape, run.nbytes, means[name]))
+            if run is None or run.offset + run.nbytes != offset or run.nbytes + nbytes > RUN_BYTES or run.dtype != dtype:
+                runs.append(run := MeanRun(offset, dtype))
+            run.tensors.append((name, shape, means[name]))
             run.nbytes += nbytes
         return runs
 
@@ -378,15 +377,14 @@ class Aggregator:
         run checked to find whose it was."""
         wide = None  # narrow values widened to float32 first, as WeightedMean.add does
         for run in runs:
-            dtype, sizes = run.tensors[0][1], [math.prod(shape) for _, _, shape, _, _ in run.tensors]
-            mean_dtype = torch.promote_types(dtype, torch.float32)
-            if mean_dtype != dtype and wide is None:
-                wide = torch.empty(max(r.nbytes // dtype.itemsize for r in runs), dtype=torch.float32)
-            widened = wide[: sum(sizes)] if mean_dtype != dtype else None
+            sizes, mean_dtype = run.sizes, torch.promote_types(run.dtype, torch.float32)
+            if mean_dtype != run.dtype and wide is None:
+                wide = torch.empty(max(sum(r.sizes) for r in runs), dtype=torch.float32)
+            widened = wide[: sum(sizes)] if mean_dtype != run.dtype else None
             means = [torch.empty(n, dtype=mean_dtype) for n in sizes]
             total = 0.0
             for i, u in enumerate(updates):
-                values = self._view_run(u, run).view(dtype)
+                values = u.view_run(run)
                 total += u.weight
                 if i == 0:
                     torch._foreach_copy_(means, values.split(sizes))
@@ -394,29 +392,21 @@ class Aggregator:
                     if widened is not None:
                         values = widened.copy_(values)
                     torch._foreach_lerp_(means, values.split(sizes), u.weight / total)
-                u.file.release(u.file.data_start + run.offset, run.nbytes)
+                u.release_run(run)
             if not all(u.checked for u in updates) and not all(all_finite(m) for m in means):
                 self._find_nonfinite(updates, run)
-            for (_, _, shape, _, mean), value in zip(run.tensors, means):
+            for (_, shape, mean), value in zip(run.tensors, means):
                 mean.mean, mean.total = value.view(shape), total
-
-    def _view_run(self, u: "FileUpdate", run: "MeanRun") -> Tensor:
-        try:
-            return u.file.view_range(u.file.data_start + run.offset, run.nbytes)
-        except ValueError as err:  # the file changed under us (truncated since it was opened)
-            raise InvalidUpdateError(u.client_id, u.file.round, str(err)) from None
 
     def _find_nonfinite(self, updates: list["FileUpdate"], run: "MeanRun") -> None:
         """Raise for the first client whose copy of `run` holds NaN or Inf (none may: finite values
         whose mean overflowed, as `accept` would give too)."""
-        sizes = [math.prod(shape) for _, _, shape, _, _ in run.tensors]
         for u in updates:
             if not u.checked:
-                values = self._view_run(u, run).view(run.tensors[0][1]).split(sizes)
-                for (name, *_), x in zip(run.tensors, values):
+                for (name, _, _), x in zip(run.tensors, u.view_run(run).split(run.sizes)):
                     if not all_finite(x):
                         raise InvalidUpdateError(u.client_id, u.file.round, f"{name} holds NaN or Inf values.")
-                u.file.release(u.file.data_start + run.offset, run.nbytes)
+                u.release_run(run)
 
     def result(self) -> GlobalState:
         """The next global state: round + 1, aggregated factors, the base change folded into base_delta."""
@@ -454,12 +444,17 @@ def single_threaded(fn, *args) -> None:
 
 @dataclass
 class MeanRun:
-    """Tensors of one dtype that lie back to back in every update file of a round: (name, dtype,
-    shape, offset in the run, the `WeightedMean` it feeds) each, from `offset` in the data section on."""
+    """Tensors of one dtype that lie back to back in every update file of a round, from `offset` in
+    the data section on: (name, shape, the `WeightedMean` it feeds) each."""
 
     offset: int
+    dtype: torch.dtype
     nbytes: int = 0
     tensors: list = field(default_factory=list)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [math.prod(shape) for _, shape, _ in self.tensors]
 
 
 @dataclass
@@ -482,6 +477,16 @@ class FileUpdate:
         if not self.checked and not all_finite(value):
             raise InvalidUpdateError(self.client_id, self.file.round, f"{key} holds NaN or Inf values.")
         return value
+
+    def view_run(self, run: MeanRun) -> Tensor:
+        """This update's values of `run`, one flat tensor mapped from the file (values unchecked)."""
+        try:
+            return self.file.view_range(self.file.data_start + run.offset, run.nbytes).view(run.dtype)
+        except ValueError as err:  # the file changed under us (truncated since it was opened)
+            raise InvalidUpdateError(self.client_id, self.file.round, str(err)) from None
+
+    def release_run(self, run: MeanRun) -> None:
+        self.file.release(self.file.data_start + run.offset, run.nbytes)
 
 
 @dataclass
