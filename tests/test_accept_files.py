@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -235,3 +237,21 @@ def test_a_file_cut_short_after_opening_is_refused_not_a_crash(tmp_path, gen, na
             u.file.close()
     assert list(refused) == ["c1"] and "truncated" in str(refused["c1"]) and "resubmit" in str(refused["c1"])
     assert_same_state(agg.result(), s.aggregate(state, [("c0", ups[0], SAMPLES[0]), ("c2", ups[2], SAMPLES[2])]))
+
+
+def test_workers_viewing_one_file_at_once_share_one_mapping(tmp_path):
+    """The aggregator's workers view different runs of the same file at the same time: the file is
+    mapped once (a second mapping would stay resident, unreleased, until collected)."""
+    path = tmp_path / "u.safetensors"
+    save_file({"a": torch.arange(2**16, dtype=torch.float32)}, str(path))
+    for _ in range(20):
+        with UpdateFile(path, "c0", 1) as f:
+            start = threading.Barrier(4)
+
+            def view(offset: int) -> int:
+                start.wait()
+                return f.view_range(f.data_start + offset, 4).data_ptr() - offset
+
+            with ThreadPoolExecutor(4) as pool:
+                bases = set(pool.map(view, [0, 4096, 8192, 12288]))
+            assert len(bases) == 1

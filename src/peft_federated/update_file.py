@@ -19,6 +19,7 @@ import math
 import mmap
 import os
 import struct
+import threading
 from pathlib import Path
 from typing import NamedTuple, Optional
 
@@ -60,6 +61,7 @@ class UpdateFile:
         self.path, self.client_id, self.round, self._fd = Path(path), client_id, round, -1
         self._mmap: Optional[mmap.mmap] = None
         self._mapped: Optional[Tensor] = None
+        self._map_lock = threading.Lock()  # the aggregator's workers view ranges of one file at once
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
             self.specs = self._read_header()
@@ -140,10 +142,11 @@ class UpdateFile:
         stores never change a file in place: they replace it). `release` the range when done."""
         if (size := os.fstat(self._fd).st_size) < start + nbytes:
             raise self._refuse(f"is now {size} bytes long, shorter than when it was opened (truncated)")
-        if self._mapped is None:
-            self._mmap = mmap.mmap(self._fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            self._mapped = torch.frombuffer(self._mmap, dtype=torch.uint8)
-        return self._mapped[start: start + nbytes]
+        with self._map_lock:  # one mapping per file, however many workers ask for it first
+            if self._mapped is None:
+                self._mmap = mmap.mmap(self._fd, 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                self._mapped = torch.frombuffer(self._mmap, dtype=torch.uint8)
+            return self._mapped[start: start + nbytes]
 
     def release(self, start: int, nbytes: int) -> None:
         """Unmap the pages of [start, start + nbytes) and of their neighbours that reading it mapped
