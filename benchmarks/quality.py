@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS, pyplot, save_figure, write_json  # noqa: E402
 
 METHODS = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
+LAST_ROUNDS = 5  # the summary's steadier accuracy: averaged over this many final rounds
 
 
 def runs(args) -> list[dict]:
@@ -141,17 +142,22 @@ def start_head(model, train, collator, args, seed: int) -> None:
 
 
 def summarize(results: dict[str, dict], seeds: int) -> list[dict]:
-    """Final accuracy and macro-F1 per (setting, method): mean and spread (sample std) over seeds."""
+    """Final accuracy and macro-F1 per (setting, method), and accuracy averaged over the last
+    `LAST_ROUNDS` rounds (steadier: at strong skew the global model swings from round to round with
+    the clients drawn): mean and spread (sample std) over seeds."""
     groups: dict[tuple, list[dict]] = {}
     for r in results.values():
         groups.setdefault((r["alpha"], r["rank"], r["clients"], r["method"]), []).append(r)
     rows = []
     for (alpha, rank, clients, method), rs in sorted(groups.items(), key=lambda kv: (str(kv[0][:3]), _order(kv[0][3]))):
         accs, f1s = [r["accuracy"][-1] for r in rs], [r["macro_f1"][-1] for r in rs]
+        lasts = [statistics.fmean(r["accuracy"][-LAST_ROUNDS:]) for r in rs]
         rows.append({
             "alpha": alpha, "rank": rank, "clients": clients, "method": method, "seeds": len(rs),
             "accuracy_mean": statistics.fmean(accs), "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,
             "macro_f1_mean": statistics.fmean(f1s), "macro_f1_std": statistics.stdev(f1s) if len(f1s) > 1 else None,
+            "accuracy_last_rounds_mean": statistics.fmean(lasts),
+            "accuracy_last_rounds_std": statistics.stdev(lasts) if len(lasts) > 1 else None,
         })
     return rows
 
@@ -241,7 +247,7 @@ def main() -> None:
 
     def save(**extra) -> None:
         write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
-                               "summary": summarize(results, args.seeds), "plots": plot(results, args.clients), **extra})
+                               "last_rounds": LAST_ROUNDS, "summary": summarize(results, args.seeds), "plots": plot(results, args.clients), **extra})
 
     if args.plot_only:  # the summary and plots of the runs saved so far, under the command that ran them
         return save(command=saved.get("command"))

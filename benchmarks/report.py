@@ -196,17 +196,21 @@ def quality(data: dict) -> str:
         starts.setdefault((r["alpha"], r["rank"], r["clients"], r["method"]), []).append(r["accuracy"][0])
     rows = [[r["alpha"] if r["alpha"] is not None else "pooled", r["rank"], r["clients"], r["method"], r["seeds"],
              f"{statistics.fmean(starts[(r['alpha'], r['rank'], r['clients'], r['method'])]):.3f}",
-             _mean_std(r["accuracy_mean"], r["accuracy_std"]), _mean_std(r["macro_f1_mean"], r["macro_f1_std"])]
+             _mean_std(r["accuracy_mean"], r["accuracy_std"]), _mean_std(r["macro_f1_mean"], r["macro_f1_std"]),
+             _mean_std(r["accuracy_last_rounds_mean"], r["accuracy_last_rounds_std"])]
             for r in data["summary"]]
-    out.append(table(["Dirichlet alpha", "rank", "clients", "method", "seeds", "start", "accuracy", "macro-F1"], rows))
-    out += ["", *_rolora_claim(data["summary"], st["clients"])]
+    out.append(table(["Dirichlet alpha", "rank", "clients", "method", "seeds", "start", "accuracy", "macro-F1",
+                      f"accuracy, mean of last {data['last_rounds']} rounds"], rows))
+    out += ["", *_rolora_claim(data["summary"], st["clients"], "accuracy", "final accuracy")]
+    out += ["", *_rolora_claim(data["summary"], st["clients"], "accuracy_last_rounds",
+                               f"accuracy averaged over the last {data['last_rounds']} rounds")]
     return "\n".join(out)
 
 
-def _rolora_claim(summary: list[dict], clients: int) -> list[str]:
+def _rolora_claim(summary: list[dict], clients: int, metric: str, label: str) -> list[str]:
     """RoLoRA's claim (many skewed clients: clearly above FedIT and FFA-LoRA; few clients: all close),
-    read off the summary: "clearly" = the gap is larger than the seed spread of either side."""
-    lines = ["RoLoRA's claim, as measured (final accuracy, mean over seeds):", ""]
+    read off the summary's `metric`: "clearly" = the gap is larger than the seed spread of either side."""
+    lines = [f"RoLoRA's claim, as measured ({label}, mean over seeds):", ""]
     for label, k in (("many clients", clients), ("few clients", 3)):
         rows = {r["method"]: r for r in summary if (r["alpha"], r["rank"], r["clients"]) == (0.1, 8, k)}
         if not {"rolora", "fedit", "ffa"} <= rows.keys():
@@ -215,14 +219,14 @@ def _rolora_claim(summary: list[dict], clients: int) -> list[str]:
         ro, parts = rows["rolora"], []
         for other in ("fedit", "ffa"):
             o = rows[other]
-            gap, seeds = ro["accuracy_mean"] - o["accuracy_mean"], min(ro["seeds"], o["seeds"])
+            gap, seeds = ro[f"{metric}_mean"] - o[f"{metric}_mean"], min(ro["seeds"], o["seeds"])
             if seeds < 2:
                 parts.append(f"{'above' if gap > 0 else 'below'} {other} ({gap:+.3f}; one seed: no spread to judge by)")
                 continue
-            spread = max(ro["accuracy_std"], o["accuracy_std"])
+            spread = max(ro[f"{metric}_std"], o[f"{metric}_std"])
             verdict = ("clearly above" if gap > spread else "clearly below" if -gap > spread else "within the seed spread of")
             parts.append(f"{verdict} {other} ({gap:+.3f}; spread {spread:.3f} over {seeds} seeds)")
-        lines.append(f"- {label} ({k}, alpha 0.1, rank 8): rolora {ro['accuracy_mean']:.3f} is " + " and ".join(parts) + ".")
+        lines.append(f"- {label} ({k}, alpha 0.1, rank 8): rolora {ro[f'{metric}_mean']:.3f} is " + " and ".join(parts) + ".")
     return lines
 
 
