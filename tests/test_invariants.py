@@ -290,6 +290,27 @@ def test_lora_fair_correction_improves_the_objective(gen, dtype):
     assert improved >= 1  # on random factors the correction must actually do something
 
 
+def test_lora_fair_solver_follows_the_dense_objective(gen):
+    """The solver never forms (B + dB) A; its iterates are those of Adam on `fair_objective` itself
+    (the paper's dense definition), written out here."""
+    A, B = torch.randn(3, 11, generator=gen, dtype=torch.float64), torch.randn(7, 3, generator=gen, dtype=torch.float64)
+    target = torch.randn(7, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 11, generator=gen, dtype=torch.float64)
+    lam, steps, lr = 0.05, 40, 1e-2
+    dB = torch.zeros_like(B, requires_grad=True)
+    optimizer = torch.optim.Adam([dB], lr=lr)
+    values, iterates = [], []
+    for _ in range(steps):
+        value = fair_objective(dB, A, B, target, lam)
+        values.append(value.item()), iterates.append(dB.detach().clone())
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    values.append(fair_objective(dB, A, B, target, lam).item()), iterates.append(dB.detach().clone())
+    want = iterates[min(range(len(values)), key=values.__getitem__)]
+    assert torch.linalg.norm(want) > 1e-3  # the reference moved
+    torch.testing.assert_close(fair_correction(A, B, target, lam, steps, lr), want, rtol=1e-9, atol=1e-12)
+
+
 def test_lora_fair_large_lambda_is_fedit(gen, dtype):
     state = random_state(gen, dtype)
     A, B = state.factor("up", "lora_A"), state.factor("up", "lora_B")

@@ -25,21 +25,30 @@ def fair_objective(dB: Tensor, A: Tensor, B: Tensor, target: Tensor, lam: float)
 
 
 def fair_correction(A: Tensor, B: Tensor, target: Tensor, lam: float, steps: int, lr: float) -> Tensor:
-    """The residual dB of LoRA-FAIR, solved in float64; the best iterate of `steps` Adam steps."""
-    A64, B64, T64 = A.double(), B.double(), target.double()
+    """The residual dB of LoRA-FAIR, solved in float64; the best iterate of `steps` Adam steps.
+
+    `fair_objective` without a d_out x d_in product per step: the target enters only as T A^T and
+    ||T||, since <(B + dB) A, T> = <B + dB, T A^T> and ||(B + dB) A||^2 = <(B + dB) A A^T, B + dB>."""
+    A64, T64 = A.double(), target.double()
+    B64, TA, G, t = B.double(), T64 @ A64.T, A64 @ A64.T, torch.linalg.norm(T64)
+
+    def objective(dB: Tensor) -> Tensor:
+        X = B64 + dB
+        norm = ((X @ G) * X).sum().clamp_min(0).sqrt()
+        return 1 - (X * TA).sum() / (norm * t).clamp_min(1e-30) + lam * torch.linalg.norm(dB)
+
     dB = torch.zeros_like(B64, requires_grad=True)
     optimizer = torch.optim.Adam([dB], lr=lr)
-    best = torch.zeros_like(B64)
-    best_value = float(fair_objective(best, A64, B64, T64, lam))
-    for _ in range(steps):
+    best, best_value = torch.zeros_like(B64), float("inf")
+    for step in range(steps + 1):  # the objective of dB = 0, then of each step's iterate
+        value = objective(dB)
+        if (current := value.item()) < best_value:
+            best, best_value = dB.detach().clone(), current
+        if step == steps:
+            break
         optimizer.zero_grad()
-        value = fair_objective(dB, A64, B64, T64, lam)
         value.backward()
         optimizer.step()
-        with torch.no_grad():
-            current = float(fair_objective(dB, A64, B64, T64, lam))
-            if current < best_value:
-                best, best_value = dB.detach().clone(), current
     return best.to(B.dtype)
 
 
