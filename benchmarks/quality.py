@@ -246,8 +246,8 @@ def main() -> None:
     grid = runs(args)
 
     def save(**extra) -> None:
-        write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results,
-                               "last_rounds": LAST_ROUNDS, "summary": summarize(results, args.seeds), "plots": plot(results, args.clients), **extra})
+        write_json("quality", {"settings": settings, "planned_runs": len(grid), "runs": results, "last_rounds": LAST_ROUNDS,
+                               "summary": summarize(results, args.seeds), "plots": plot(results, args.clients), **extra})
 
     if args.plot_only:  # the summary and plots of the runs saved so far, under the command that ran them
         return save(command=saved.get("command"))

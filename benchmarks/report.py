@@ -207,10 +207,10 @@ def quality(data: dict) -> str:
     return "\n".join(out)
 
 
-def _rolora_claim(summary: list[dict], clients: int, metric: str, label: str) -> list[str]:
+def _rolora_claim(summary: list[dict], clients: int, metric: str, measure: str) -> list[str]:
     """RoLoRA's claim (many skewed clients: clearly above FedIT and FFA-LoRA; few clients: all close),
     read off the summary's `metric`: "clearly" = the gap is larger than the seed spread of either side."""
-    lines = [f"RoLoRA's claim, as measured ({label}, mean over seeds):", ""]
+    lines = [f"RoLoRA's claim, as measured ({measure}, mean over seeds):", ""]
     for label, k in (("many clients", clients), ("few clients", 3)):
         rows = {r["method"]: r for r in summary if (r["alpha"], r["rank"], r["clients"]) == (0.1, 8, k)}
         if not {"rolora", "fedit", "ffa"} <= rows.keys():

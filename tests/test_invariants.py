@@ -301,11 +301,13 @@ def test_lora_fair_solver_follows_the_dense_objective(gen):
     values, iterates = [], []
     for _ in range(steps):
         value = fair_objective(dB, A, B, target, lam)
-        values.append(value.item()), iterates.append(dB.detach().clone())
+        values.append(value.item())
+        iterates.append(dB.detach().clone())
         optimizer.zero_grad()
         value.backward()
         optimizer.step()
-    values.append(fair_objective(dB, A, B, target, lam).item()), iterates.append(dB.detach().clone())
+    values.append(fair_objective(dB, A, B, target, lam).item())
+    iterates.append(dB.detach().clone())
     want = iterates[min(range(len(values)), key=values.__getitem__)]
     assert torch.linalg.norm(want) > 1e-3  # the reference moved
     torch.testing.assert_close(fair_correction(A, B, target, lam, steps, lr), want, rtol=1e-9, atol=1e-12)
