@@ -196,13 +196,11 @@ def plot_headline(results: dict[str, dict], clients: int) -> list[str]:
 
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    seeds = set()
     for method in METHODS + ["centralized"]:
         rs = [r for r in results.values() if r["method"] == method and r["rank"] == 8
               and (method == "centralized" or (r["alpha"], r["clients"]) == (0.1, clients))]
         if not rs:
             continue
-        seeds.add(len(rs))
         acc = np.array([r["accuracy"] for r in rs])
         line, = ax.plot(acc.mean(0), "--" if method == "centralized" else "-", marker=".", label=f"{method} ({len(rs)})")
         ax.fill_between(range(acc.shape[1]), acc.min(0), acc.max(0), color=line.get_color(), alpha=0.12)
@@ -264,6 +262,7 @@ def main() -> None:
             save()
     if not todo:
         save()
+
 
 _DATA = None
 
