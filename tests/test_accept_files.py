@@ -204,6 +204,23 @@ def test_update_file_reads_what_safetensors_wrote(tmp_path, gen):
             assert torch.equal(f.read(key), value)
 
 
+def test_files_sharing_a_header_parse_it_once_and_are_each_checked(tmp_path, gen):
+    """A round's files mostly share one header: it is parsed once, but every file's own length is
+    still checked against it, and a header differing only in its metadata is parsed on its own."""
+    tensors = {"a": torch.randn(3, 5, generator=gen), "b": torch.randn(7, generator=gen)}
+    paths = [tmp_path / f"u{k}.safetensors" for k in range(3)]
+    for k, path in enumerate(paths):
+        save_file(tensors, str(path), metadata={"client": "same" if k < 2 else "a longer, other value"})
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(paths[0].read_bytes()[:-4])
+    with UpdateFile(paths[0]) as first, UpdateFile(paths[1]) as second, UpdateFile(paths[2]) as other:
+        assert second.specs is first.specs
+        assert other.specs is not first.specs and other.layout() == first.layout()
+        assert torch.equal(second.read("a"), tensors["a"]) and torch.equal(other.read("b"), tensors["b"])
+    with pytest.raises(ValueError, match=r"header places tensor data up to byte \d+ \(truncated\)"):
+        UpdateFile(cut, "c9", 2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_a_result_is_not_changed_by_later_updates(gen, dtype):
     """`result()` hands out the running means themselves (no copy of the adapter); a later update

@@ -295,7 +295,7 @@ def test_lora_fair_solver_follows_the_dense_objective(gen):
     (the paper's dense definition), written out here."""
     A, B = torch.randn(3, 11, generator=gen, dtype=torch.float64), torch.randn(7, 3, generator=gen, dtype=torch.float64)
     target = torch.randn(7, 2, generator=gen, dtype=torch.float64) @ torch.randn(2, 11, generator=gen, dtype=torch.float64)
-    lam, steps, lr = 0.05, 40, 1e-2
+    lam, steps, lr = 0.01, 40, 1e-2  # at 0.05 a few draws in a hundred keep dB = 0 (their first step raises the objective)
     dB = torch.zeros_like(B, requires_grad=True)
     optimizer = torch.optim.Adam([dB], lr=lr)
     values, iterates = [], []

@@ -354,7 +354,7 @@ class Aggregator:
                 or any(bound is not None and u.norm > bound for u in updates)):
             return None
         layout = updates[0].file.layout()
-        if any(u.file.layout() != layout for u in updates[1:]):
+        if any(u.file.specs is not updates[0].file.specs and u.file.layout() != layout for u in updates[1:]):
             return None
         means = dict(self.extras)
         for module, agg in self.modules.items():
