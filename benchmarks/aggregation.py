@@ -23,7 +23,9 @@ The bound: every client byte read once at the slower of two bandwidths measured 
 a read of the files from the page cache (they are in it: the run reads them first and never drops
 caches; the fastest of pread and of summing their mapped pages) and a read (sum) of a large
 in-memory tensor, each the faster of one thread and as many threads as the aggregator uses (so the
-bound is the machine's, not one core's).
+bound is the machine's, not one core's). Beside it, the fold's arithmetic alone: the same running
+mean over adapters already in memory (no files), and a weighted sum in its place, so the part of the
+gap that is arithmetic rather than reading is measured too.
 
     .venv/bin/python benchmarks/aggregation.py [--clients 10 50 200] [--dtype float32] [--repeats 3]
 """
@@ -161,6 +163,40 @@ def memory_bandwidth(nbytes: int = 1 * GiB, repeats: int = 5, threads: int = 1) 
         return min(times)
 
     return {"sum_bytes_per_s": nbytes / best(x.sum), "memcpy_bytes_per_s": nbytes / best(lambda: y.copy_(x))}
+
+
+def fold_arithmetic_bandwidth(nbytes: int, clients: int = 16, repeats: int = 3, threads: int = 1) -> dict[str, float]:
+    """Bytes/s of the fold's arithmetic alone: `clients` float32 tensors of `nbytes` each, in memory (no
+    files), averaged as `ours` does (runs of `RUN_BYTES`, each a running mean updated by one `lerp_` per
+    client, `threads` workers each taking a contiguous share of the runs), the fastest of `repeats`;
+    and the same with a weighted sum (one `add_(x, alpha=w)` per client) in place of the running mean.
+    Every client byte is read once from memory, as in the bound; the gap to it is the arithmetic's."""
+    from peft_federated.strategies.base import RUN_BYTES
+
+    gen = torch.Generator().manual_seed(0)
+    pool = [torch.randn(nbytes // 4, generator=gen) for _ in range(clients)]
+    run = RUN_BYTES // 4
+    starts = range(0, nbytes // 4, run)
+
+    def fold(share: int, op: str) -> None:
+        torch.set_num_threads(1)
+        for start in starts[len(starts) * share // threads: len(starts) * (share + 1) // threads]:
+            mean = pool[0][start: start + run].clone()
+            for k in range(1, clients):
+                if op == "lerp":
+                    mean.lerp_(pool[k][start: start + run], 1 / (k + 1))
+                else:
+                    mean.add_(pool[k][start: start + run], alpha=1 / (k + 1))
+
+    before, best = torch.get_num_threads(), {"lerp": float("inf"), "weighted_sum": float("inf")}
+    with ThreadPoolExecutor(threads) as workers:
+        for _ in range(repeats):
+            for op in best:
+                begin = time.perf_counter()
+                list(workers.map(fold, range(threads), [op] * threads))
+                best[op] = min(best[op], time.perf_counter() - begin)
+    torch.set_num_threads(before)
+    return {op: clients * nbytes / seconds for op, seconds in best.items()}
 
 
 # ---- the methods (run inside a worker) --------------------------------------------------------------
@@ -418,7 +454,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.bound_threads = aggregator_threads()
     mem = memory_bandwidth(threads=args.bound_threads)
-    print(f"memory read {mem['sum_bytes_per_s'] / 1e9:.1f} GB/s, adapter {adapter_bytes / 2**20:.1f} MiB")
+    fold_bw = fold_arithmetic_bandwidth(adapter_numel() * 4, threads=args.bound_threads)
+    print(f"memory read {mem['sum_bytes_per_s'] / 1e9:.1f} GB/s, in-memory fold {fold_bw['lerp'] / 1e9:.1f} GB/s, "
+          f"adapter {adapter_bytes / 2**20:.1f} MiB")
 
     runs, read_bw = [], {}
     for k in sorted(args.clients):
@@ -460,6 +498,11 @@ def main() -> None:
                       "bound": f"min(page-cache read of the K files (pread or mmap + sum), in-memory read (sum)), each the fastest with 1 and "
                                f"{args.bound_threads} threads (the aggregator's) and of every pass (one right before "
                                "every run); files in page cache, caches never dropped"},
+        "fold_arithmetic": {"bytes_per_s": fold_bw,
+                            "fraction_of_bound": {op: {str(k): bw / v for k, v in bound.items()} for op, bw in fold_bw.items()},
+                            "note": "the fold's arithmetic alone: 16 float32 adapters in memory (no files) averaged by "
+                                    "runs in the aggregator's threads, one lerp_ per client and run (the running mean "
+                                    "ours keeps) or one add_ with a weight (a weighted sum); fastest of 3"},
         "ours_breakdown": {"clients": k_diag, "seconds_per_client": breakdown["phases"],
                            "note": "per client: open_and_check_headers (open_files), read_only (the fold's runs read in "
                                    "its order by one thread, nothing aggregated), accept_files (the whole fold: read, check, "

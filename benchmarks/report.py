@@ -107,6 +107,14 @@ def aggregation(data: dict) -> str:
                 + ", ".join(f"{k} {1e3 * v:.1f}" for k, v in per.items() if k != "result")
                 + f"; result() once {1e3 * per['result']:.0f} ms ({b['note']}). "
                 f"Reading one adapter at the bound would take {1e3 * adapter / min(bw['bound_bytes_per_s'].values()):.1f} ms."]
+    if f := data.get("fold_arithmetic"):
+        names = {"lerp": "a running mean (`lerp_`, what `ours` keeps)", "weighted_sum": "a weighted sum (`add_` with a weight)"}
+        out += ["", "The fold's arithmetic alone, with nothing read from files (" + f["note"] + "): "
+                + "; ".join(f"{names[op]} {bps / 1e9:.1f} GB/s, "
+                            + ", ".join(f"{100 * x:.0f}%" for x in f["fraction_of_bound"][op].values()) + " of the bound"
+                            + f" (K = {', '.join(f['fraction_of_bound'][op])})"
+                            for op, bps in f["bytes_per_s"].items())
+                + ". Reading the files costs CPU time on top of it, on the same two cores."]
     out += ["", "Targets for `ours` (the library's streaming path):", "",
             table(["K", f">= {100 * t['fraction_of_bound']:.0f}% of bound", f"peak < {t['peak_above_baseline_adapters']:.0f} adapters",
                    f">= {t['speedup_vs_naive']:.0f}x faster than naive", "vs flower", "vs flower_message"], target_rows)]
