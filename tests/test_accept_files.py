@@ -3,6 +3,7 @@ on each update in turn, bit for bit, for every strategy; bad files are refused a
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import struct
@@ -80,6 +81,28 @@ def test_plain_means_fold_by_runs_equal_accept_one_by_one(tmp_path, monkeypatch,
     paths = write_updates(tmp_path, ups)
     assert agg.accept_files([(f"c{k}", p, n) for k, (p, n) in enumerate(zip(paths, SAMPLES))]) == {}
     assert_same_state(agg.result(), one_by_one)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_means_on_their_own_mapping_equal_accept_and_outlive_the_aggregator(tmp_path, monkeypatch, gen, dtype):
+    """Means of 2 MiB and more go on an anonymous mapping of their own (huge pages); here every
+    size does. The published tensors are views of it: they must stay valid once the aggregator is gone."""
+    monkeypatch.setattr(base, "HUGE_PAGE_BYTES", 1)
+    mapped = []
+    monkeypatch.setattr(base, "empty_huge", lambda numel, dtype, made=base.empty_huge: mapped.append(made(numel, dtype)) or mapped[-1])
+    only_runs(monkeypatch, 100)  # a few tensors a run: several runs, shared by both workers
+    s = get_strategy(make_config("fedit", r=3))
+    state = random_state(gen, dtype, round=1)
+    ups = [random_update(state, gen) for _ in SAMPLES]
+    one_by_one = s.aggregate(state, [(f"c{k}", u, n) for k, (u, n) in enumerate(zip(ups, SAMPLES))])
+    paths = write_updates(tmp_path, ups)
+    agg = s.aggregator(state, threads=2)
+    assert agg.accept_files([(f"c{k}", p, n) for k, (p, n) in enumerate(zip(paths, SAMPLES))]) == {}
+    assert len(mapped) == 2  # one per worker
+    result = agg.result()
+    del agg, mapped[:]
+    gc.collect()
+    assert_same_state(result, one_by_one)
 
 
 def save_reversed(tensors: dict, path) -> None:
