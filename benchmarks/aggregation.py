@@ -165,28 +165,33 @@ def memory_bandwidth(nbytes: int = 1 * GiB, repeats: int = 5, threads: int = 1) 
     return {"sum_bytes_per_s": nbytes / best(x.sum), "memcpy_bytes_per_s": nbytes / best(lambda: y.copy_(x))}
 
 
-def fold_arithmetic_bandwidth(nbytes: int, clients: int = 16, repeats: int = 3, threads: int = 1) -> dict[str, float]:
-    """Bytes/s of the fold's arithmetic alone: `clients` float32 tensors of `nbytes` each, in memory (no
-    files), averaged as `ours` does (runs of `RUN_BYTES`, each a running mean updated by one `lerp_` per
-    client, `threads` workers each taking a contiguous share of the runs), the fastest of `repeats`;
-    and the same with a weighted sum (one `add_(x, alpha=w)` per client) in place of the running mean.
-    Every client byte is read once from memory, as in the bound; the gap to it is the arithmetic's."""
+def fold_arithmetic_bandwidth(numel: int, dtype: torch.dtype, clients: int = 16, repeats: int = 3,
+                              threads: int = 1) -> dict[str, float]:
+    """Bytes/s of the fold's arithmetic alone: `clients` adapters of `numel` values of `dtype`, in memory
+    (no files), averaged as `ours` does (runs of `RUN_BYTES`, a float32 running mean per run updated by
+    one `lerp_` per client, narrower values widened to float32 first; `threads` workers each taking a
+    contiguous share of the runs), the fastest of `repeats`; and the same with a weighted sum (one
+    `add_(x, alpha=w)` per client) in place of the running mean. Every client byte is read once from
+    memory, as in the bound; the gap to it is the arithmetic's."""
     from peft_federated.strategies.base import RUN_BYTES
 
     gen = torch.Generator().manual_seed(0)
-    pool = [torch.randn(nbytes // 4, generator=gen) for _ in range(clients)]
-    run = RUN_BYTES // 4
-    starts = range(0, nbytes // 4, run)
+    pool = [torch.randn(numel, generator=gen).to(dtype) for _ in range(clients)]
+    run = RUN_BYTES // dtype.itemsize
+    starts = range(0, numel, run)
+    mean_dtype = torch.promote_types(dtype, torch.float32)
 
     def fold(share: int, op: str) -> None:
         torch.set_num_threads(1)
+        wide = torch.empty(run, dtype=mean_dtype)
         for start in starts[len(starts) * share // threads: len(starts) * (share + 1) // threads]:
-            mean = pool[0][start: start + run].clone()
+            mean = pool[0][start: start + run].to(mean_dtype, copy=True)
             for k in range(1, clients):
-                if op == "lerp":
-                    mean.lerp_(pool[k][start: start + run], 1 / (k + 1))
+                x = pool[k][start: start + run]
+                if op == "weighted_sum":
+                    mean.add_(x, alpha=1 / (k + 1))
                 else:
-                    mean.add_(pool[k][start: start + run], alpha=1 / (k + 1))
+                    mean.lerp_(x if x.dtype == mean_dtype else wide[: len(x)].copy_(x), 1 / (k + 1))
 
     before, best = torch.get_num_threads(), {"lerp": float("inf"), "weighted_sum": float("inf")}
     with ThreadPoolExecutor(threads) as workers:
@@ -196,7 +201,7 @@ def fold_arithmetic_bandwidth(nbytes: int, clients: int = 16, repeats: int = 3, 
                 list(workers.map(fold, range(threads), [op] * threads))
                 best[op] = min(best[op], time.perf_counter() - begin)
     torch.set_num_threads(before)
-    return {op: clients * nbytes / seconds for op, seconds in best.items()}
+    return {op: clients * numel * dtype.itemsize / seconds for op, seconds in best.items()}
 
 
 # ---- the methods (run inside a worker) --------------------------------------------------------------
@@ -454,7 +459,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     args.bound_threads = aggregator_threads()
     mem = memory_bandwidth(threads=args.bound_threads)
-    fold_bw = fold_arithmetic_bandwidth(adapter_numel() * 4, threads=args.bound_threads)
+    fold_bw = fold_arithmetic_bandwidth(adapter_numel(), DTYPES[args.dtype], threads=args.bound_threads)
     print(f"memory read {mem['sum_bytes_per_s'] / 1e9:.1f} GB/s, in-memory fold {fold_bw['lerp'] / 1e9:.1f} GB/s, "
           f"adapter {adapter_bytes / 2**20:.1f} MiB")
 
@@ -500,9 +505,10 @@ def main() -> None:
                                "every run); files in page cache, caches never dropped"},
         "fold_arithmetic": {"bytes_per_s": fold_bw,
                             "fraction_of_bound": {op: {str(k): bw / v for k, v in bound.items()} for op, bw in fold_bw.items()},
-                            "note": "the fold's arithmetic alone: 16 float32 adapters in memory (no files) averaged by "
-                                    "runs in the aggregator's threads, one lerp_ per client and run (the running mean "
-                                    "ours keeps) or one add_ with a weight (a weighted sum); fastest of 3"},
+                            "note": f"the fold's arithmetic alone: 16 {args.dtype} adapters in memory (no files) averaged "
+                                    "by runs in the aggregator's threads into float32 or wider, one lerp_ per client and run "
+                                    "(the running mean ours keeps, narrower values widened first) or one add_ with a weight "
+                                    "(a weighted sum); fastest of 3"},
         "ours_breakdown": {"clients": k_diag, "seconds_per_client": breakdown["phases"],
                            "note": "per client: open_and_check_headers (open_files), read_only (the fold's runs read in "
                                    "its order by one thread, nothing aggregated), accept_files (the whole fold: read, check, "

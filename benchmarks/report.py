@@ -109,12 +109,12 @@ def aggregation(data: dict) -> str:
                 f"Reading one adapter at the bound would take {1e3 * adapter / min(bw['bound_bytes_per_s'].values()):.1f} ms."]
     if f := data.get("fold_arithmetic"):
         names = {"lerp": "a running mean (`lerp_`, what `ours` keeps)", "weighted_sum": "a weighted sum (`add_` with a weight)"}
-        out += ["", "The fold's arithmetic alone, with nothing read from files (" + f["note"] + "): "
+        out += ["", f["note"][0].upper() + f["note"][1:] + ". Throughput: "
                 + "; ".join(f"{names[op]} {bps / 1e9:.1f} GB/s, "
-                            + ", ".join(f"{100 * x:.0f}%" for x in f["fraction_of_bound"][op].values()) + " of the bound"
-                            + f" (K = {', '.join(f['fraction_of_bound'][op])})"
+                            + ", ".join(f"{100 * x:.0f}%" for x in f["fraction_of_bound"][op].values())
+                            + f" of the bound (K = {', '.join(f['fraction_of_bound'][op])})"
                             for op, bps in f["bytes_per_s"].items())
-                + ". Reading the files costs CPU time on top of it, on the same two cores."]
+                + ". Reading the files costs CPU time on top of this, on the same cores."]
     out += ["", "Targets for `ours` (the library's streaming path):", "",
             table(["K", f">= {100 * t['fraction_of_bound']:.0f}% of bound", f"peak < {t['peak_above_baseline_adapters']:.0f} adapters",
                    f">= {t['speedup_vs_naive']:.0f}x faster than naive", "vs flower", "vs flower_message"], target_rows)]
