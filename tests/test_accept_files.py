@@ -88,8 +88,13 @@ def test_means_on_their_own_mapping_equal_accept_and_outlive_the_aggregator(tmp_
     """Means of 2 MiB and more go on an anonymous mapping of their own (huge pages); here every
     size does. The published tensors are views of it: they must stay valid once the aggregator is gone."""
     monkeypatch.setattr(base, "HUGE_PAGE_BYTES", 1)
-    mapped = []
-    monkeypatch.setattr(base, "empty_huge", lambda numel, dtype, made=base.empty_huge: mapped.append(made(numel, dtype)) or mapped[-1])
+    mapped, empty_huge = [], base.empty_huge
+
+    def counted(numel, dtype):
+        mapped.append(empty_huge(numel, dtype))
+        return mapped[-1]
+
+    monkeypatch.setattr(base, "empty_huge", counted)
     only_runs(monkeypatch, 100)  # a few tensors a run: several runs, shared by both workers
     s = get_strategy(make_config("fedit", r=3))
     state = random_state(gen, dtype, round=1)

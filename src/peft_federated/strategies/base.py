@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 BOTH = ("lora_A", "lora_B")
 RUN_BYTES = 4 * 2**20  # a run of a plain mean's fold: its means and one client's copy of it stay in cache
-HUGE_PAGE_BYTES = 2 * 2**20
+HUGE_PAGE_BYTES = 2 * 2**20  # means of at least this size go on huge pages (`empty_huge`)
 STRATEGIES: dict[str, type["Strategy"]] = {}
 
 
