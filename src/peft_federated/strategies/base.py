@@ -74,9 +74,14 @@ class WeightedMean:
         if self._given and self.mean is not None:
             self.mean, self._given = self.mean.clone(), False
         if self.mean is None:
-            self.mean = x.to(torch.promote_types(x.dtype, torch.float32), copy=True)
+            self.mean = x.to(self.accumulates_in(x.dtype), copy=True)
         elif self.total > 0:  # a zero weight while the total is still zero: nothing to move
             self.mean.lerp_(x.to(self.mean.dtype), weight / self.total)
+
+    @staticmethod
+    def accumulates_in(dtype: torch.dtype) -> torch.dtype:
+        """The dtype of the mean of inputs of `dtype`: float32, or the input's dtype when wider."""
+        return torch.promote_types(dtype, torch.float32)
 
     @property
     def sum(self) -> Optional[Tensor]:
@@ -380,11 +385,10 @@ class Aggregator:
         wide = None  # narrow values widened to float32 first, as WeightedMean.add does
         needed: dict[torch.dtype, int] = {}  # the means of all these runs, per dtype, in one allocation
         for run in runs:
-            mean_dtype = torch.promote_types(run.dtype, torch.float32)
-            needed[mean_dtype] = needed.get(mean_dtype, 0) + sum(run.sizes)
+            needed[run.mean_dtype] = needed.get(run.mean_dtype, 0) + sum(run.sizes)
         free = {dtype: empty_huge(numel, dtype) for dtype, numel in needed.items()}
         for run in runs:
-            sizes, mean_dtype = run.sizes, torch.promote_types(run.dtype, torch.float32)
+            sizes, mean_dtype = run.sizes, run.mean_dtype
             if mean_dtype != run.dtype and wide is None:
                 wide = torch.empty(max(sum(r.sizes) for r in runs), dtype=torch.float32)
             widened = wide[: sum(sizes)] if mean_dtype != run.dtype else None
@@ -475,6 +479,10 @@ class MeanRun:
     @property
     def sizes(self) -> list[int]:
         return [math.prod(shape) for _, shape, _ in self.tensors]
+
+    @property
+    def mean_dtype(self) -> torch.dtype:
+        return WeightedMean.accumulates_in(self.dtype)
 
 
 @dataclass
