@@ -65,7 +65,8 @@ def _add_role_parsers(sub) -> None:
     agg.add_argument("--clients", required=True, help="Comma-separated ids of the federation's clients, e.g. a,b,c.")
     agg.add_argument("--client-repo", action="append", default=[], metavar="ID=NAMESPACE/REPO",
                      help="A client's updates repo (repeatable; default: <repo>-updates-<client id>).")
-    agg.add_argument("--model", required=True, help="Base model folder or Hub id.")
+    agg.add_argument("--model", required=True, help="Base model folder or Hub id: only its config.json is read (and a "
+                     "modules_to_save head's tensors, if the checkpoint has them); no base weight is loaded.")
     agg.add_argument("--base-model-id", default=None, help="Name recorded as the base model (default: --model); clients load it unless given --model.")
     agg.add_argument("--num-labels", type=int, default=None, help="Classification head size (default: the model config's).")
     agg.add_argument("--task-type", default="SEQ_CLS", help="PEFT task type: SEQ_CLS, CAUSAL_LM, TOKEN_CLS, SEQ_2_SEQ_LM, ...")
@@ -86,23 +87,46 @@ def _add_role_parsers(sub) -> None:
     agg.add_argument("--clip-updates", action="store_true", help="Clip updates above --max-update-norm instead of refusing them.")
     agg.add_argument("--norm-outlier-factor", type=float, default=None, help="Refuse an update whose change-norm exceeds this many times the round's median (3+ updates).")
     agg.add_argument("--max-update-bytes", type=int, default=1 << 30, help="Largest update file read; larger ones are refused unread.")
+    agg.add_argument("--max-update-json-bytes", type=int, default=64 * 1024, help="Largest update.json read; larger ones are refused unread.")
+    agg.add_argument("--max-num-samples", type=int, default=10_000_000, help="Refuse an update claiming more training examples (its weight).")
+    agg.add_argument("--max-client-share", type=float, default=None, help="Cap each client's share of a round's weight, in (0, 1] (samples weighting).")
 
     client = sub.add_parser(
         "client", parents=[where], help="A client: train each round on local data and submit the update.",
         description="Take part in a federation: the federation's config comes from its round 0. DATA is a folder "
-        "saved with datasets' save_to_disk (a DatasetDict: its 'train' split) or a .json/.jsonl/.csv file, with "
-        "either tokenized columns (input_ids, attention_mask, label) used as they are, or a text column "
-        "tokenized with the base model's tokenizer, plus a label column.",
+        "saved with datasets' save_to_disk (a DatasetDict: its 'train' split) or a .json/.jsonl/.csv file. "
+        "Classification federations (SEQ_CLS, ...): tokenized columns (input_ids, attention_mask, label) used as "
+        "they are, or a text column tokenized with the base model's tokenizer, plus a label column. Language-model "
+        "federations (CAUSAL_LM) train with TRL's SFTTrainer on a 'text' column, 'prompt' and 'completion' columns "
+        "(the loss on the completion only), a 'messages' column of chat turns (the tokenizer's chat template), or "
+        "tokenized input_ids; the format is read off the columns, or named with the --*-column options.",
     )
     client.add_argument("--client-id", required=True)
     client.add_argument("--update-repo", default=None, help="Hub repo this client writes its updates to (default: <repo>-updates-<client id>).")
     client.add_argument("--data", required=True, help="Training data (see above).")
     client.add_argument("--model", default=None, help="Base model folder or Hub id (default: the one the federation names).")
     client.add_argument("--num-labels", type=int, default=None, help="Classification head size (default: the model config's).")
-    client.add_argument("--text-column", default="text")
-    client.add_argument("--label-column", default="label")
-    client.add_argument("--max-length", type=int, default=128, help="Tokenizer truncation length for text data.")
+    client.add_argument("--text-column", default=None, help="Column of plain text (default: 'text').")
+    client.add_argument("--label-column", default="label", help="Classification: the label column.")
+    client.add_argument("--messages-column", default=None, help="CAUSAL_LM: column of chat turns (default: 'messages').")
+    client.add_argument("--prompt-column", default=None, help="CAUSAL_LM: column of prompts (default: 'prompt').")
+    client.add_argument("--completion-column", default=None, help="CAUSAL_LM: column of completions (default: 'completion').")
+    client.add_argument("--chat-template", default=None, metavar="FILE", help="CAUSAL_LM: a Jinja chat template for messages data (default: the tokenizer's).")
+    client.add_argument("--max-length", type=int, default=None,
+                        help="Tokens per sequence; longer ones are truncated (default: 1024 for CAUSAL_LM, as TRL; 128 otherwise).")
+    client.add_argument("--packing", action="store_true", help="CAUSAL_LM: pack sequences into rows of --max-length tokens (TRL's packing).")
     client.add_argument("--batch-size", type=int, default=8)
+    client.add_argument("--gradient-accumulation-steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    client.add_argument("--gradient-checkpointing", action="store_true", help="Recompute activations in the backward pass (less memory).")
+    precision = client.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (a GPU of compute capability 8.0+, or the CPU).")
+    precision.add_argument("--fp16", action="store_true", help="float16 mixed precision (a CUDA GPU).")
+    client.add_argument("--load-in-4bit", action="store_true", help="Quantize the frozen base to 4-bit (bitsandbytes; NF4 unless --bnb-4bit-quant-type).")
+    client.add_argument("--load-in-8bit", action="store_true", help="Quantize the frozen base to 8-bit (bitsandbytes).")
+    client.add_argument("--bnb-4bit-use-double-quant", action="store_true", help="4-bit: quantize the quantization constants too (~0.4 bit/parameter less).")
+    client.add_argument("--bnb-4bit-compute-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="4-bit: dtype the layers compute in (default: bfloat16 on a GPU that has it, else float32).")
+    client.add_argument("--bnb-4bit-quant-type", default="nf4", choices=["nf4", "fp4"], help="4-bit: the data type.")
     client.add_argument("--lr", type=float, default=5e-4)
     client.add_argument("--seed", type=int, default=0)
     client.add_argument("--output-dir", default=None, help="Trainer output folder (default: ./peft-federated-<client id>).")
@@ -137,6 +161,8 @@ def _run_role(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             client_ranks={k: int(v) for k, v in _pairs(parser, args.client_rank, "--client-rank").items()} or None,
             base_model_name_or_path=args.base_model_id or args.model, max_update_norm=args.max_update_norm,
             clip_updates=args.clip_updates, norm_outlier_factor=args.norm_outlier_factor, max_update_bytes=args.max_update_bytes,
+            max_update_json_bytes=args.max_update_json_bytes, max_num_samples=args.max_num_samples,
+            max_client_share=args.max_client_share,
         )
         history = roles.run_aggregator(
             store, config, args.model, clients, num_labels=args.num_labels, quorum=args.quorum, deadline=args.deadline,
@@ -146,14 +172,31 @@ def _run_role(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                    for h in history]
         print(json.dumps({"store": repr(store), "rounds": summary}, indent=2))
     else:
+        from peft_federated.quantization import QuantizationUnavailableError, quantization_config
+
+        try:  # refused before anything is read or loaded
+            quantization = quantization_config(args.load_in_4bit, args.load_in_8bit, args.bnb_4bit_quant_type,
+                                               args.bnb_4bit_use_double_quant, args.bnb_4bit_compute_dtype)
+        except (ValueError, QuantizationUnavailableError) as e:
+            print(f"peft-federated client: error: {e}", file=sys.stderr)
+            return 2
         repos = {args.client_id: args.update_repo} if args.update_repo else {}
         store = roles.open_store(args.repo, args.local_dir, [args.client_id], repos, token, args.endpoint, args.retry_timeout)
-        metrics = roles.run_client(
-            store, args.client_id, args.data, model_path=args.model, num_labels=args.num_labels, output_dir=args.output_dir,
-            learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-            text_column=args.text_column, label_column=args.label_column, poll_interval=args.poll_interval,
-            round_timeout=args.round_timeout,
-        )
+        from peft_federated.data.sft import SFTDataError
+
+        try:
+            metrics = roles.run_client(
+                store, args.client_id, args.data, model_path=args.model, num_labels=args.num_labels, output_dir=args.output_dir,
+                learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+                text_column=args.text_column, label_column=args.label_column, poll_interval=args.poll_interval,
+                round_timeout=args.round_timeout, messages_column=args.messages_column, prompt_column=args.prompt_column,
+                completion_column=args.completion_column, chat_template=args.chat_template, packing=args.packing,
+                gradient_accumulation_steps=args.gradient_accumulation_steps,
+                gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, fp16=args.fp16, quantization=quantization,
+            )
+        except (SFTDataError, roles.PrecisionError, FileNotFoundError) as e:  # refused before any round trains
+            print(f"peft-federated client: error: {e}", file=sys.stderr)
+            return 2
         print(json.dumps({"client_id": args.client_id, "last_round_metrics": metrics}, indent=2))
     return 0
 

@@ -15,11 +15,16 @@ import dataclasses
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from peft_federated.config import FederatedLoraConfig
+from peft_federated.data.sft import SFTDataError, prepare_sft_data, read_dataset
 from peft_federated.hub_integration.layout import read_metadata
 from peft_federated.hub_integration.store import LocalStore, RoundStore
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+    from transformers import BitsAndBytesConfig
 
 # The transformers auto class that builds the base model of each PEFT task type.
 AUTO_MODELS = {
@@ -51,14 +56,22 @@ def open_store(
     return HubStore(repo, clients, client_repos, token=token, endpoint=endpoint, retry_timeout=retry_timeout)
 
 
-def load_base_model(path: str, task_type: Optional[str], num_labels: Optional[int] = None):
-    """The base model for `task_type` (PEFT's names: SEQ_CLS, CAUSAL_LM, ...) from a folder or Hub id."""
+def load_base_model(path: str, task_type: Optional[str], num_labels: Optional[int] = None,
+                    quantization: Optional["BitsAndBytesConfig"] = None):
+    """The base model for `task_type` (PEFT's names: SEQ_CLS, CAUSAL_LM, ...) from a folder or Hub id;
+    with `quantization` (see `peft_federated.quantization.quantization_config`) loaded in 4-bit or
+    8-bit on this process's device and prepared for LoRA training (`prepare_model_for_kbit_training`)."""
     import transformers
 
     if task_type is not None and task_type not in AUTO_MODELS:
         raise ValueError(f"Unsupported task_type {task_type!r}; choose one of {', '.join(AUTO_MODELS)}.")
     cls = getattr(transformers, AUTO_MODELS.get(task_type, "AutoModel"))
-    return cls.from_pretrained(path, **({"num_labels": num_labels} if num_labels else {}))
+    kwargs = {"num_labels": num_labels} if num_labels else {}
+    if quantization is not None:
+        from peft_federated.quantization import load_quantized
+
+        return load_quantized(cls, path, quantization, **kwargs)
+    return cls.from_pretrained(path, **kwargs)
 
 
 def federation_config(store: RoundStore, timeout: float = 0.0, poll_interval: float = 2.0) -> FederatedLoraConfig:
@@ -78,31 +91,22 @@ def federation_config(store: RoundStore, timeout: float = 0.0, poll_interval: fl
     return FederatedLoraConfig(**fields, **read_metadata(folder)["federation"])
 
 
-def load_client_data(path: str | Path, tokenizer=None, max_length: int = 128, text_column: str = "text",
+def load_client_data(path: "str | Path | Dataset", tokenizer=None, max_length: int = 128, text_column: str = "text",
                      label_column: str = "label"):
-    """A client's training set: a folder saved with `save_to_disk` (of a DatasetDict, its "train"
-    split), or a .json/.jsonl/.csv file. Rows with `input_ids` are used as they are; otherwise
-    `text_column` is tokenized (truncated to `max_length`). `label_column` becomes `labels`."""
-    from datasets import Dataset, DatasetDict, load_from_disk
+    """A classification client's training set: a folder saved with `save_to_disk` (of a DatasetDict,
+    its "train" split), a .json/.jsonl/.csv file, or a `Dataset`. Rows with `input_ids` are used as
+    they are; otherwise `text_column` is tokenized (truncated to `max_length`). `label_column` becomes `labels`."""
+    from datasets import Dataset
 
-    path = Path(path)
-    if path.is_dir():
-        data = load_from_disk(str(path))
-        if isinstance(data, DatasetDict):
-            if "train" not in data:
-                raise ValueError(f"{path} holds a DatasetDict without a 'train' split (splits: {list(data)}).")
-            data = data["train"]
-    elif path.suffix in (".json", ".jsonl"):
-        data = Dataset.from_json(str(path))
-    elif path.suffix == ".csv":
-        data = Dataset.from_csv(str(path))
-    else:
-        raise ValueError(f"{path}: give a dataset folder saved with save_to_disk, or a .json, .jsonl or .csv file.")
+    data = path if isinstance(path, Dataset) else read_dataset(path)
+    source = "the data" if isinstance(path, Dataset) else str(path)
+    if len(data) == 0:
+        raise SFTDataError(f"{source} has no rows: this client has nothing to train on. Give it a non-empty dataset.")
     if "input_ids" not in data.column_names:
         if text_column not in data.column_names:
-            raise ValueError(f"{path} has neither input_ids nor a {text_column!r} column (columns: {data.column_names}).")
+            raise ValueError(f"{source} has neither input_ids nor a {text_column!r} column (columns: {data.column_names}).")
         if tokenizer is None:
-            raise ValueError(f"{path} holds raw text but the base model has no tokenizer: save one with the model, or "
+            raise ValueError(f"{source} holds raw text but the base model has no tokenizer: save one with the model, or "
                              "give already tokenized data (an input_ids column).")
         data = data.map(lambda rows: tokenizer(rows[text_column], truncation=True, max_length=max_length),
                         batched=True, remove_columns=[text_column])
@@ -111,47 +115,118 @@ def load_client_data(path: str | Path, tokenizer=None, max_length: int = 128, te
     return data
 
 
+def start_aggregator(store: RoundStore, config: FederatedLoraConfig, model_path: str, num_labels: Optional[int] = None) -> int:
+    """Publish round 0 unless the store has rounds; the latest round. No base weight is loaded: round 0
+    comes from the model's config.json and the LoRA shapes (`skeleton.skeleton_model`)."""
+    from peft_federated.aggregator import initialize
+    from peft_federated.skeleton import skeleton_model
+
+    if (latest := store.latest_round()) is not None:
+        return latest
+    return initialize(store, config, skeleton_model(model_path, config, num_labels))
+
+
 def run_aggregator(store: RoundStore, config: FederatedLoraConfig, model_path: str, clients: Optional[list[str]] = None,
                    num_labels: Optional[int] = None, **serve_kwargs: Any) -> list[dict[str, Any]]:
-    """Publish round 0 from the base model (unless the store has rounds), then aggregate every round.
-    `serve_kwargs`: quorum, deadline, min_clients, poll_interval (see `aggregator.serve`). Returns the history."""
-    from peft import get_peft_model
+    """Publish round 0 (`start_aggregator`: from the model's config, no base weights), then aggregate every
+    round. `serve_kwargs`: quorum, deadline, min_clients, poll_interval (see `aggregator.serve`). Returns the history."""
+    from peft_federated.aggregator import serve
 
-    from peft_federated.aggregator import initialize, serve
-
-    model = get_peft_model(load_base_model(model_path, config.task_type, num_labels), config.to_lora_config())
-    initialize(store, config, model)
+    start_aggregator(store, config, model_path, num_labels)
     serve(store, config, clients, **serve_kwargs)
     return store.history()
 
 
+class PrecisionError(ValueError):
+    """Mixed precision this machine cannot train in."""
+
+
+def check_precision(bf16: bool = False, fp16: bool = False) -> None:
+    """Refuse mixed precision this machine cannot train in (checked before any round trains).
+
+    fp16 needs a CUDA GPU; bf16 needs a CUDA GPU that supports it (compute capability 8.0+), or runs
+    on the CPU (PyTorch's CPU autocast)."""
+    import torch
+
+    if bf16 and fp16:
+        raise PrecisionError("Give one of --bf16 and --fp16, not both.")
+    if fp16 and not torch.cuda.is_available():
+        raise PrecisionError("--fp16 needs a CUDA GPU and this machine has none: drop --fp16 to train in float32, or use --bf16.")
+    if bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        major, minor = torch.cuda.get_device_capability()
+        raise PrecisionError(f"--bf16 needs a GPU with bfloat16 support (compute capability 8.0+); "
+                         f"{torch.cuda.get_device_name()} has {major}.{minor}: use --fp16, or drop --bf16 to train in float32.")
+
+
+def _tokenizer(model_path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError, TypeError):  # a model saved without a tokenizer: fine for tokenized data
+        return None
+
+
 def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: Optional[str] = None,
                num_labels: Optional[int] = None, output_dir: Optional[str] = None, learning_rate: float = 5e-4,
-               batch_size: int = 8, max_length: int = 128, seed: int = 0, text_column: str = "text",
-               label_column: str = "label", poll_interval: float = 2.0, round_timeout: float = 3600.0) -> dict[str, float]:
-    """Take part in every round of the federation in `store` with `FederatedTrainer`; returns the last round's metrics."""
+               batch_size: int = 8, max_length: Optional[int] = None, seed: int = 0, text_column: Optional[str] = None,
+               label_column: str = "label", poll_interval: float = 2.0, round_timeout: float = 3600.0,
+               messages_column: Optional[str] = None, prompt_column: Optional[str] = None,
+               completion_column: Optional[str] = None, chat_template: Optional[str] = None,
+               gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False, bf16: bool = False,
+               fp16: bool = False, packing: bool = False, quantization: Optional["BitsAndBytesConfig"] = None) -> dict[str, float]:
+    """Take part in every round of the federation in `store`; returns the last round's metrics.
+
+    The federation's task type (from round 0) picks the trainer: CAUSAL_LM trains with
+    `FederatedSFTTrainer` (TRL) on text, prompt/completion, messages or tokenized data (see
+    `peft_federated.data.sft`; `max_length` defaults to TRL's 1024); other task types with
+    `FederatedTrainer` on labelled data (`max_length` defaults to 128). Data that cannot train and
+    mixed precision the machine lacks are refused before any round trains. `quantization`: a
+    `BitsAndBytesConfig` (4-bit or 8-bit base; build it with `quantization.quantization_config`)."""
     from peft import get_peft_model
-    from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
 
-    from peft_federated.trainer import FederatedTrainer
-
+    check_precision(bf16, fp16)
+    table = read_dataset(data)
+    if len(table) == 0:
+        raise SFTDataError(f"{data} has no rows: this client has nothing to train on. Give it a non-empty dataset.")
     config = federation_config(store, timeout=round_timeout, poll_interval=poll_interval)
     model_path = model_path or config.base_model_name_or_path
     if not model_path:
         raise ValueError("The federation does not name its base model: pass the base model's path or id.")
-    model = get_peft_model(load_base_model(model_path, config.task_type, num_labels), config.to_lora_config())
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_path)
-    except (OSError, ValueError, TypeError):  # a model saved without a tokenizer: fine for tokenized data
-        tokenizer = None
-    dataset = load_client_data(data, tokenizer, max_length, text_column, label_column)
-    args = TrainingArguments(
+    tokenizer = _tokenizer(model_path)
+    causal = config.task_type == "CAUSAL_LM"
+    if causal:
+        if tokenizer is None:
+            raise ValueError(f"The base model {model_path} has no tokenizer, which TRL's SFTTrainer needs: save one beside the model.")
+        if chat_template is not None:
+            tokenizer.chat_template = Path(chat_template).read_text()
+        dataset, _ = prepare_sft_data(table, tokenizer, text_column, messages_column, prompt_column, completion_column, str(data))
+    else:
+        dataset = load_client_data(table, tokenizer, max_length or 128, text_column or "text", label_column)
+    model = get_peft_model(load_base_model(model_path, config.task_type, num_labels, quantization), config.to_lora_config())
+    common = dict(
         output_dir=output_dir or f"peft-federated-{client_id}", per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
+        gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
+        bf16=bf16, fp16=fp16,
     )
-    trainer = FederatedTrainer(
-        model=model, args=args, train_dataset=dataset, federated_config=config, client_id=client_id, store=store,
-        data_collator=DataCollatorWithPadding(tokenizer) if tokenizer is not None else None,
-        poll_interval=poll_interval, round_timeout=round_timeout,
-    )
+    loop = dict(federated_config=config, client_id=client_id, store=store, poll_interval=poll_interval, round_timeout=round_timeout)
+    if causal:
+        from trl import SFTConfig
+
+        from peft_federated.trainer.trl import FederatedSFTTrainer
+
+        args = SFTConfig(**common, max_length=max_length or 1024, packing=packing)
+        trainer = FederatedSFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer, **loop)
+    else:
+        from transformers import DataCollatorWithPadding, TrainingArguments
+
+        from peft_federated.trainer import FederatedTrainer
+
+        if packing:
+            raise ValueError(f"--packing is for language-model (CAUSAL_LM) federations; this one is {config.task_type}.")
+        trainer = FederatedTrainer(
+            model=model, args=TrainingArguments(**common), train_dataset=dataset,
+            data_collator=DataCollatorWithPadding(tokenizer) if tokenizer is not None else None, **loop,
+        )
     return trainer.train()
