@@ -23,13 +23,18 @@ model = tiny_bert(cfg)
 store = LocalStore(store_dir)
 
 
-class DumpAdapter(TrainerCallback):
-    """After each round's local training, every rank writes the adapter it holds."""
+def dump(args, name):
+    tensors = {k: v.contiguous() for k, v in read_tensors(model).items()}
+    save_file(tensors, str(out / f"rank{args.process_index}_{name}.safetensors"))
+    (out / f"rank{args.process_index}.json").write_text(json.dumps({"world_size": args.world_size}))
 
-    def on_train_end(self, args, state, control, **kwargs):
-        tensors = {k: v.contiguous() for k, v in read_tensors(model).items()}
-        save_file(tensors, str(out / f"rank{args.process_index}_round{trainer._fed_round}.safetensors"))
-        (out / f"rank{args.process_index}.json").write_text(json.dumps({"world_size": args.world_size}))
+
+class DumpAdapter(TrainerCallback):
+    """After each round's last local step, every rank writes the adapter it holds."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == state.max_steps:
+            dump(args, f"round{trainer._fed_round}")
 
 
 trainer = FederatedTrainer(model=model, args=tiny_args(out), train_dataset=token_dataset(64, 0), federated_config=cfg,
@@ -38,6 +43,7 @@ if trainer.is_world_process_zero():
     initialize(store, cfg, model)
     threading.Thread(target=serve, args=(store, cfg, ["mp-client"]), kwargs={"poll_interval": 0.1}, daemon=True).start()
 trainer.train()
+dump(trainer.args, "final")  # every rank holds the federation's final round
 if trainer.is_world_process_zero():
     import time
 

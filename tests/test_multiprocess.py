@@ -15,7 +15,7 @@ from peft_federated.hub_integration import LocalStore
 
 
 @pytest.mark.parametrize("strategy", ["rolora"])
-def test_two_processes_hold_identical_adapters_after_each_round(tmp_path, strategy):
+def test_two_processes_hold_identical_adapters_after_each_round_and_the_final_global_one(tmp_path, strategy):
     out = tmp_path / "out"
     out.mkdir()
     launcher = Path(sys.executable).with_name("accelerate")
@@ -38,3 +38,8 @@ def test_two_processes_hold_identical_adapters_after_each_round(tmp_path, strate
         update, _ = store.read_update(round, "mp-client")
         for key, value in update.items():
             assert torch.equal(value, a[key])
+    final, _ = store.read_round(2)
+    for rank in (0, 1):
+        held = load_file(str(out / f"rank{rank}_final.safetensors"))
+        for key, value in final.tensors.items():
+            assert torch.equal(held[key], value), f"rank {rank} does not hold the final global round's {key}"

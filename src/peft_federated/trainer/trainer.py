@@ -12,6 +12,11 @@ Choices, documented:
 - Under `accelerate launch`, only the main process reads and writes the store; the state it read
   is broadcast, so every rank holds the same adapter. The model is re-wrapped each round, so DDP
   sees the factors that train this round.
+- `train()` is one run to the Trainer's callbacks and loggers: `on_train_begin` and `on_train_end`
+  fire once, `state.global_step` and `state.log_history` continue across rounds (each entry carries
+  its `round`), and it returns a `TrainOutput`. When it returns, the model holds the federation's
+  final global round, so `evaluate()`, `save_model()` and `push_to_hub()` act on the federation's
+  model (saved as the plain PEFT adapter the store publishes, base change included).
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ import gc
 import time
 import zlib
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
-from transformers import Trainer, set_seed
+from transformers import ProgressCallback, Trainer, TrainerState, set_seed
+from transformers.trainer_utils import TrainOutput, speed_metrics
 
+from peft_federated.hub_integration.layout import write_round
 from peft_federated.hub_integration.store import RoundStore, check_client_id
 from peft_federated.state import GlobalState
 from peft_federated.strategies import ClientRound, get_strategy
@@ -44,6 +52,22 @@ def _gc_frozen():
         yield
     finally:
         gc.unfreeze()
+
+
+@dataclass
+class _Run:
+    """What carries over between the rounds of one `train()`: the Trainer state and the totals."""
+
+    state: Optional[TrainerState] = None
+    steps: int = 0
+    samples: int = 0
+    loss_sum: float = 0.0
+
+
+def _skip_event(args, state, control, **kwargs):
+    """A train begin/end event the callbacks do not see; the control is reset as a new run's would be."""
+    control.should_training_stop = False
+    return control
 
 
 class FederatedMixin:
@@ -68,6 +92,8 @@ class FederatedMixin:
         self.client_round: Optional[ClientRound] = None
         self._fed_round = 0
         self._base_seed = self.args.seed
+        self._run: Optional[_Run] = None
+        self.global_state: Optional[GlobalState] = None  # the federation's final round, once train() returns
 
     # ---- one round --------------------------------------------------------------------------------
     def train_round(self, state: GlobalState) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
@@ -84,13 +110,46 @@ class FederatedMixin:
         self.model_wrapped = self.model
         args.seed = self._base_seed + 1009 * state.round + zlib.crc32(self.client_id.encode()) % 1000
         set_seed(args.seed)  # dropout and data order depend only on (seed, round, client): resumable
-        with _gc_frozen():
+        with _gc_frozen(), self._one_run_callbacks():
             output = super().train()
         payload = self.client_round.payload()
         self.client_round = None
         metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
         metrics["train_loss"] = float(output.training_loss)
+        if self._run is not None:  # the run's totals, over this round's optimizer steps
+            run, steps = self._run, self.state.global_step - self._run.steps
+            run.state, run.steps, run.loss_sum = self.state, self.state.global_step, run.loss_sum + metrics["train_loss"] * steps
+            run.samples += steps * (self.state.train_batch_size or args.per_device_train_batch_size) * args.gradient_accumulation_steps * args.world_size
         return payload, len(self.train_dataset), metrics
+
+    @contextmanager
+    def _one_run_callbacks(self):
+        """Inside `train()`, a round's own `on_train_begin` fires only for the run's first round, and its
+        `on_train_end` not at all (`train()` fires it once at the end)."""
+        handler, run = self.callback_handler, self._run
+        quiet = [] if run is None else ["on_train_end"] + (["on_train_begin"] if run.state is not None else [])
+        for name in quiet:
+            setattr(handler, name, _skip_event)
+        try:
+            yield
+        finally:
+            for name in quiet:
+                delattr(handler, name)
+
+    def _init_training_state(self, max_steps, *args, **kwargs):
+        """A round of `train()` continues the run's Trainer state: global step, log history, flos."""
+        result = super()._init_training_state(max_steps, *args, **kwargs)
+        run = self._run
+        if run is not None and run.state is not None:
+            prev, state = run.state, self.state
+            state.global_step, state.log_history = prev.global_step, prev.log_history
+            state.total_flos, state.num_input_tokens_seen = prev.total_flos, prev.num_input_tokens_seen
+            state.max_steps = prev.global_step + max_steps  # the round ends after its own steps
+            for cb in self.callback_handler.callbacks:
+                if isinstance(cb, ProgressCallback) and cb.training_bar is not None:
+                    cb.training_bar.total = state.max_steps
+                    cb.training_bar.refresh()
+        return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
@@ -119,29 +178,60 @@ class FederatedMixin:
         super().log(logs, *args, **kwargs)
 
     # ---- a client's whole federation through the store ------------------------------------------
-    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
-        """Take part in every round through `store`: wait for each global round, train, submit.
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs) -> TrainOutput:
+        """Take part in every round through `store`: wait for each global round, train, submit; then
+        load the federation's final round into the model (waiting up to `round_timeout` for it).
 
-        Resumable: rounds this client already submitted, or that closed while it was away, are skipped. Returns the last round's metrics.
+        Resumable: rounds this client already submitted, or that closed while it was away, are
+        skipped, so a restarted client calls `train()` again; the store is its checkpoint.
+        Returns a `TrainOutput` over the rounds this call trained (`metrics` named as the Trainer's).
         """
+        if resume_from_checkpoint:
+            raise ValueError(
+                "A federated client resumes from its store, not from a Trainer checkpoint: call train() again "
+                "without resume_from_checkpoint. Rounds this client already submitted, or that closed while it "
+                "was away, are skipped.")
         if self.store is None:
             raise ValueError("FederatedTrainer.train() needs store=...; or call train_round(state) yourself.")
-        last: dict[str, float] = {}
-        for round in range(self.federated_config.num_rounds):
-            state, done = self._sync_state(round)
-            if done:
-                continue
-            payload, num_samples, last = self.train_round(state)
-            if self.is_world_process_zero():
-                meta = {"num_samples": num_samples, "metrics": last, "base_round": round}
-                self.store.submit_update(round, self.client_id, payload, meta)
-            self.accelerator.wait_for_everyone()
-        return last
+        start, rounds = time.time(), self.federated_config.num_rounds
+        self._run = run = _Run()
+        try:
+            for round in range(rounds):
+                state, done = self._sync_state(round)
+                if done:
+                    continue
+                payload, num_samples, last = self.train_round(state)
+                if self.is_world_process_zero():
+                    meta = {"num_samples": num_samples, "metrics": last, "base_round": round}
+                    self.store.submit_update(round, self.client_id, payload, meta)
+                self.accelerator.wait_for_everyone()
+            self.global_state, _ = self._sync_state(rounds, final=True)
+        finally:
+            self._run = None
+        self.strategy.prepare_client(self.model, self.global_state, "global").close()
+        self._fed_round = rounds
+        if run.state is None:  # nothing left to train: still one run to the callbacks
+            self.control = self.callback_handler.on_train_begin(self.args, self.state, self.control)
+        train_loss = run.loss_sum / max(run.steps, 1)
+        metrics = speed_metrics("train", start, num_samples=run.samples, num_steps=run.steps)
+        metrics.update(total_flos=self.state.total_flos, train_loss=train_loss)
+        self.log(dict(metrics))
+        self.control = self.callback_handler.on_train_end(self.args, self.state, self.control)
+        return TrainOutput(self.state.global_step, train_loss, metrics)
 
-    def _sync_state(self, round: int) -> tuple[Optional[GlobalState], bool]:
+    def _save(self, output_dir: Optional[str] = None, state_dict=None) -> None:
+        """After `train()`, save the federation's final round as the store publishes it (a plain PEFT
+        adapter with the base change as extra ranks, and federation.json); checkpoints during the
+        rounds save the client's model as the Trainer does."""
+        super()._save(output_dir, state_dict=state_dict)
+        if self.global_state is not None and self._run is None and self.args.should_save:
+            write_round(output_dir or self.args.output_dir, self.global_state, self.federated_config)
+
+    def _sync_state(self, round: int, final: bool = False) -> tuple[Optional[GlobalState], bool]:
         """The global state of `round` and whether to skip it (this client already submitted it, or
         the round is already closed): read on the main process (waiting until the round is
-        published), broadcast to the others."""
+        published), broadcast to the others. `final`: the federation's last round, read whatever
+        came after it."""
         box: list[Any] = [None]
         if self.is_world_process_zero():
             deadline = time.monotonic() + self.round_timeout
@@ -149,8 +239,11 @@ class FederatedMixin:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Round {round} was not published within {self.round_timeout:.0f}s; is the aggregator running?")
                 time.sleep(self.poll_interval)
-            closed = latest > round  # aggregated without this client (e.g. it was down): rejoin at the latest round
-            box[0] = (None if closed else self.store.read_round(round)[0], closed or self.client_id in self.store.list_updates(round))
+            if final:
+                box[0] = (self.store.read_round(round)[0], False)
+            else:
+                closed = latest > round  # aggregated without this client (e.g. it was down): rejoin at the latest round
+                box[0] = (None if closed else self.store.read_round(round)[0], closed or self.client_id in self.store.list_updates(round))
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
