@@ -43,8 +43,25 @@ def model_scale(model: PeftModel) -> float:
 
 
 def read_tensors(model: PeftModel) -> dict[str, Tensor]:
-    """The adapter's tensors under PEFT's keys, detached copies on the CPU."""
-    return {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    """The adapter's tensors under PEFT's keys, detached copies on the CPU (left on the meta device where
+    the model has no values: an aggregator's skeleton, see `peft_federated.skeleton`)."""
+    tensors = get_peft_model_state_dict(model, state_dict=_own_tensors(model))
+    return {k: v.detach() if v.is_meta else v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+
+
+def _own_tensors(model: torch.nn.Module) -> dict[str, Tensor]:
+    """What `model.state_dict()` holds (parameters, persistent buffers) without running the modules'
+    state-dict hooks: no quantized layer serialises (or, in bitsandbytes, converts) its weight."""
+    out = {}
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, param in module._parameters.items():
+            if param is not None:
+                out[dot + name] = param
+        for name, buffer in module._buffers.items():
+            if buffer is not None and name not in module._non_persistent_buffers_set:
+                out[dot + name] = buffer
+    return out
 
 
 def write_tensors(model: PeftModel, tensors: dict[str, Tensor]) -> None:
@@ -73,27 +90,67 @@ def write_tensors(model: PeftModel, tensors: dict[str, Tensor]) -> None:
 
 
 def set_base_delta(model: PeftModel, base_delta: dict[str, LowRank], scale: float) -> None:
-    """Make each LoRA module's frozen base W0 + scale * U @ V, from a snapshot of the original W0.
+    """Make each LoRA module's frozen base W0 + scale * U @ V.
 
-    The snapshot (CPU) is taken the first time a module's base changes and kept on the model, so a
-    new round's delta replaces the last one instead of adding to it.
+    A float base weight is rewritten from a snapshot of the original W0 (CPU, taken the first time a
+    module's base changes and kept on the model), so a new round's delta replaces the last one instead
+    of adding to it. A quantized base (bitsandbytes 4-bit / 8-bit: a non-float weight) is never
+    touched: the change is a `LowRankTerm` on the LoRA layer, replaced each round.
     """
     layers = lora_layers(model)
     originals: dict[str, Tensor] = model.__dict__.setdefault("_federated_base_w0", {})
-    for module in sorted(set(base_delta) | set(originals)):
+    terms: dict[str, LowRankTerm] = model.__dict__.setdefault("_federated_base_terms", {})
+    for module in sorted(set(base_delta) | set(originals) | set(terms)):
         layer = layers[module]
+        delta = base_delta.get(module)
+        if delta is not None and delta.rank == 0:
+            delta = None
+        if is_quantized(layer):
+            if module in terms:
+                terms.pop(module).remove()
+            if delta is not None:
+                terms[module] = LowRankTerm(layer, delta, scale)
+            continue
         weight = layer.get_base_layer().weight
         if module not in originals:
             originals[module] = weight.detach().to("cpu", copy=True)
         w0 = originals[module]
-        delta = base_delta.get(module)
         with torch.no_grad():
-            if delta is None or delta.rank == 0:
+            if delta is None:
                 weight.copy_(w0.to(weight.device))
             else:
                 change = scale * (delta.U.double() @ delta.V.double())
                 change = transpose(change, layer.fan_in_fan_out)
                 weight.copy_((w0.double() + change).to(weight.dtype).to(weight.device))
+
+
+def is_quantized(layer: LoraLayer) -> bool:
+    """Whether the layer's frozen base weight is quantized (not a float tensor: bitsandbytes' 4-bit
+    Params4bit holds uint8, its 8-bit Int8Params int8), so it cannot take a base change in place."""
+    return not layer.get_base_layer().weight.is_floating_point()
+
+
+class LowRankTerm:
+    """A frozen base change scale * U @ V added to a LoRA layer's output as a forward hook: y += scale *
+    (x @ V^T) @ U^T, computed as PEFT computes the LoRA term (input cast to the LoRA factors' dtype, the
+    result cast back to the output's), without dropout. Exactly what plain PEFT computes from the
+    published adapter, where U, V are the ranks after r. Part of the base: it stays when the trained
+    adapter is disabled or merged, as a float base's change does."""
+
+    def __init__(self, layer: LoraLayer, delta: LowRank, scale: float) -> None:
+        factor = layer.lora_A[_adapter(layer)].weight
+        self.U = delta.U.detach().to(factor.device, factor.dtype)
+        self.V = delta.V.detach().to(factor.device, factor.dtype)
+        self.scale = scale
+        self.handle = layer.register_forward_hook(self, with_kwargs=True)
+
+    def __call__(self, layer: LoraLayer, args: tuple, kwargs: dict, output: Tensor) -> Tensor:
+        x = args[0] if args else kwargs["x"]
+        term = (x.to(self.V.dtype) @ self.V.T) @ self.U.T * self.scale
+        return output + term.to(output.dtype)
+
+    def remove(self) -> None:
+        self.handle.remove()
 
 
 def effective_weight(model: PeftModel, module: str) -> Tensor:
@@ -150,6 +207,8 @@ def init_lora_A(shape: tuple[int, int], seed: int, *salt: object, dtype: torch.d
 __all__ = [
     "effective_weight",
     "init_lora_A",
+    "is_quantized",
+    "LowRankTerm",
     "lora_layers",
     "mask_rank",
     "model_rank",

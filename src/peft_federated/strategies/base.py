@@ -575,12 +575,19 @@ class Strategy:
 
     # ---- shared -------------------------------------------------------------------------------
     def initial_state(self, model: "PeftModel") -> GlobalState:
-        """Round 0: lora_A drawn from `init_seed` (the same on every party), lora_B = 0, the model's extras."""
+        """Round 0: lora_A drawn from `init_seed` (the same on every party), lora_B = 0, the model's extras.
+
+        Only the factors' shapes are read, so `model` may hold them on the meta device (the aggregator's
+        `skeleton.skeleton_model`); extra tensors need values."""
         tensors = adapter.read_tensors(model)
         for module in lora_modules(tensors):
             a, b = lora_key(module, "lora_A"), lora_key(module, "lora_B")
             tensors[a] = adapter.init_lora_A(tuple(tensors[a].shape), self.config.init_seed, module, dtype=tensors[a].dtype)
-            tensors[b] = torch.zeros_like(tensors[b])
+            tensors[b] = torch.zeros(tensors[b].shape, dtype=tensors[b].dtype)
+        empty = [k for k, v in tensors.items() if v.is_meta]
+        if empty:
+            raise ValueError(f"Round 0 needs the values of {empty[:3]}, which the model holds on the meta device: load them, "
+                             "or draw them from the federation's seed (peft_federated.skeleton.draw_modules_to_save).")
         return GlobalState(round=0, tensors=tensors, strategy_state=self.initial_strategy_state())
 
     def initial_strategy_state(self) -> dict:
