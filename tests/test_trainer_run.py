@@ -114,3 +114,14 @@ def test_run_simulation_leaves_the_final_global_model_in_the_model(tmp_path):
     tensors = read_tensors(model)
     for key, value in final.tensors.items():
         torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
+
+
+def test_trainers_and_stores_are_exported_at_the_top_level():
+    import peft_federated
+    from peft_federated.trainer.trl import FederatedDPOTrainer, FederatedSFTTrainer
+
+    assert peft_federated.FederatedTrainer is FederatedTrainer and peft_federated.run_simulation is run_simulation
+    assert (peft_federated.FederatedSFTTrainer, peft_federated.FederatedDPOTrainer) == (FederatedSFTTrainer, FederatedDPOTrainer)
+    assert peft_federated.LocalStore is LocalStore
+    with pytest.raises(AttributeError):
+        peft_federated.NoSuchThing  # noqa: B018
