@@ -76,20 +76,26 @@ def _prompt_lengths(dataset, tokenizer) -> list[int]:
 
 @contextmanager
 def original_base(model) -> Iterator[None]:
-    """The federation's base model, as it was before any round: the original frozen weights of every
-    LoRA module whose base an exact strategy changed (FedEx-LoRA, FLoRA) are put back for the
-    duration, then the federation's changed base again."""
+    """The federation's base model, as it was before any round, for the duration: the original frozen
+    weights of every LoRA module whose base an exact strategy changed (FedEx-LoRA, FLoRA) are put
+    back, and a quantized base's change (a low-rank term beside the frozen weight) is switched off;
+    then the federation's changed base again."""
     originals: dict[str, torch.Tensor] = model.__dict__.get("_federated_base_w0", {})
+    terms = [t for t in model.__dict__.get("_federated_base_terms", {}).values() if hasattr(t, "scale")]
     layers = lora_layers(model) if originals else {}
-    changed = {}
+    changed, scales = {}, [t.scale for t in terms]
     with torch.no_grad():
         for module, w0 in originals.items():
             weight = layers[module].get_base_layer().weight
             changed[module] = weight.detach().to("cpu", copy=True)
             weight.copy_(w0.to(weight.device, weight.dtype))
+    for term in terms:
+        term.scale = 0.0
     try:
         yield
     finally:
+        for term, scale in zip(terms, scales):
+            term.scale = scale
         with torch.no_grad():
             for module, value in changed.items():
                 weight = layers[module].get_base_layer().weight
