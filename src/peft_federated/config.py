@@ -102,6 +102,28 @@ class FederatedLoraConfig(LoraConfig):
         default=1 << 30,
         metadata={"help": "Largest update file the aggregator reads, in bytes; larger files are refused unread."},
     )
+    max_update_json_bytes: int = field(
+        default=64 * 1024,
+        metadata={"help": "Largest update.json the aggregator reads, in bytes (checked before download or read); "
+                  "an honest one is well under 4 KiB."},
+    )
+    max_num_samples: int = field(
+        default=10_000_000,
+        metadata={
+            "help": "Largest num_samples a client may claim; an update claiming more is refused. The count is the "
+            "client's own claim and sets its weight under weighting='samples': the default (10 million examples, "
+            "more than the largest fine-tuning sets) keeps weights exact floats and bounds a lying client. "
+            "Raise it for parties with more data."
+        },
+    )
+    max_client_share: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Largest share of a round's weight one client may get under weighting='samples', in (0, 1]: larger "
+            "sample counts are capped to it (recorded as weight_samples in federation.json). None: off (a party with "
+            "most of the data then dominates, as FedAvg intends); set it (e.g. 0.5) when clients are not trusted."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -161,6 +183,11 @@ class FederatedLoraConfig(LoraConfig):
         if self.clip_updates and self.max_update_norm is None:
             raise ValueError("clip_updates=True needs max_update_norm: the norm to clip updates to.")
         _positive_int("max_update_bytes", self.max_update_bytes)
+        _positive_int("max_update_json_bytes", self.max_update_json_bytes)
+        _positive_int("max_num_samples", self.max_num_samples)
+        share = self.max_client_share
+        if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
+            raise ValueError(f"max_client_share must be a number in (0, 1] or None, got {share!r}.")
 
     @property
     def scaling(self) -> float:

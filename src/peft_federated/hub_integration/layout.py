@@ -52,7 +52,7 @@ def write_round(folder: str | Path, state: GlobalState, config: "FederatedLoraCo
         "federation": config.federation_dict(),
         **(metadata or {}),
     }
-    (folder / FEDERATION).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    (folder / FEDERATION).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False))  # strict JSON
     return folder
 
 

@@ -1,12 +1,33 @@
-"""The model card (README.md) of a federation's global adapter: strategy, round history, how to load."""
+"""The model card (README.md) of a federation's global adapter: strategy, round history, how to load.
+
+Clients' metadata reaches the card only as checked numbers and metric names of a safe charset
+(letters, digits, '_', '.', '/', '-'); anything else a client could have written is dropped, so no
+client text becomes markdown (headings, links, table cells).
+"""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from peft_federated.config import FederatedLoraConfig
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_./-]{0,95}")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _samples(contributions: Any) -> int:
+    """The round's total sample count, from integer counts only."""
+    if not isinstance(contributions, list):
+        return 0
+    counts = (c.get("num_samples") for c in contributions if isinstance(c, dict))
+    return sum(n for n in counts if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10**18)
 
 
 def render_model_card(config: "FederatedLoraConfig", history: list[dict[str, Any]], repo_id: str = "<repo>") -> str:
@@ -15,7 +36,8 @@ def render_model_card(config: "FederatedLoraConfig", history: list[dict[str, Any
 
     strategy = STRATEGIES[config.strategy]
     latest = history[-1]["round"] if history else 0
-    metric_names = sorted({k for h in history for k in h.get("metrics", {})})
+    metrics_of = [h.get("metrics") if isinstance(h.get("metrics"), dict) else {} for h in history]
+    metric_names = sorted({k for m in metrics_of for k in m if isinstance(k, str) and _SAFE_NAME.fullmatch(k)})
     lines = [
         "---",
         "library_name: peft",
@@ -43,11 +65,11 @@ def render_model_card(config: "FederatedLoraConfig", history: list[dict[str, Any
         "| round | contributions | samples | " + " | ".join(metric_names) + " |",
         "|---|---|---|" + "---|" * len(metric_names),
     ]
-    for h in history:
+    for h, metrics in zip(history, metrics_of):
         contributions = h.get("contributions", [])
-        samples = sum(c.get("num_samples", 0) for c in contributions)
-        metrics = [f"{h.get('metrics', {}).get(m, ''):.4g}" if isinstance(h.get("metrics", {}).get(m), (int, float)) else "" for m in metric_names]
-        lines.append(f"| {h['round']} | {len(contributions)} | {samples} | " + " | ".join(metrics) + " |")
+        count = len(contributions) if isinstance(contributions, list) else 0
+        cells = [f"{metrics[m]:.4g}" if _number(metrics.get(m)) else "" for m in metric_names]
+        lines.append(f"| {int(h['round'])} | {count} | {_samples(contributions)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

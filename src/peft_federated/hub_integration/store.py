@@ -9,9 +9,10 @@ A local store mirrors the Hub layout on disk:
 A round is written to a temporary folder and renamed into place, so it is never seen half-written
 and can be published only once; an update is written the same way.
 
-Reading an update verifies it before anything uses it: its size (`max_bytes`, before reading), its
-update.json (a JSON object), its bytes against the recorded sha256, and a readable safetensors file;
-each failure is a ValueError naming the client and round, which the aggregator records as a refusal.
+Reading an update verifies it before anything uses it: both files' sizes (`max_bytes`, `max_meta_bytes`,
+before reading), its update.json (strict JSON, an object: `update_meta`), its bytes against the recorded
+sha256, and a readable safetensors file; each failure is a ValueError naming the client and round, which
+the aggregator records as a refusal. `committed_at` says when the store received an update (for copies).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -32,21 +34,26 @@ from torch import Tensor
 
 from peft_federated.hub_integration.layout import CorruptRoundError, load_safetensors, read_round, write_round
 from peft_federated.hub_integration.model_card import write_model_card
+from peft_federated.hub_integration.update_meta import parse_update_json, too_large
 from peft_federated.state import GlobalState
 
 if TYPE_CHECKING:
     from peft_federated.config import FederatedLoraConfig
 
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,95}")
 
 
 class RoundAlreadyPublishedError(RuntimeError):
     """Another aggregator published this round first; re-read the store instead of publishing again."""
 
 
+class StoreUnavailableError(ConnectionError):
+    """The store itself kept failing (not a client's files): the aggregator stops; rerun once it is back."""
+
+
 def check_client_id(client_id: str) -> str:
     """A client id is a plain name: letters, digits, '.', '_' and '-', no path characters."""
-    if not isinstance(client_id, str) or not _CLIENT_ID.match(client_id) or ".." in client_id:
+    if not isinstance(client_id, str) or not _CLIENT_ID.fullmatch(client_id) or ".." in client_id:
         raise ValueError(
             f"Invalid client id {client_id!r}: use 1-96 letters, digits, '.', '_' or '-', starting with a "
             "letter or digit (no '/', '\\' or '..')."
@@ -54,15 +61,10 @@ def check_client_id(client_id: str) -> str:
     return client_id
 
 
-def read_update_json(data: bytes, round: int, client_id: str) -> dict[str, Any]:
-    """A client's update.json record, refused with a precise error unless it is a JSON object."""
-    try:
-        meta = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"update.json of {client_id!r} for round {round} is not valid JSON ({err}); the client must resubmit.") from err
-    if not isinstance(meta, dict):
-        raise ValueError(f"update.json of {client_id!r} for round {round} must be a JSON object, got {type(meta).__name__}.")
-    return meta
+def read_update_json(data: bytes, round: int, client_id: str, max_bytes: Optional[int] = None) -> dict[str, Any]:
+    """A client's update.json record, refused with a precise error unless it is a strict JSON object
+    within `max_bytes` (its schema is checked by the aggregator: `update_meta.check_update_meta`)."""
+    return parse_update_json(data, round, client_id, max_bytes)
 
 
 def serialize_update(tensors: dict[str, Tensor]) -> bytes:
@@ -155,10 +157,17 @@ class RoundStore(ABC):
         """Ids of the clients that submitted an update for `round`."""
 
     @abstractmethod
-    def update_file(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
+    def update_file(self, round: int, client_id: str, max_bytes: Optional[int] = None,
+                    max_meta_bytes: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
         """A local path to a submitted update's safetensors file, checked against the sha256 in its
-        metadata, and that metadata. An update file above `max_bytes` is refused (ValueError) before it
-        is read or downloaded; so is one that does not match its sha256."""
+        metadata, and that metadata. An update file above `max_bytes`, or an update.json above
+        `max_meta_bytes`, is refused (ValueError) before it is read or downloaded; so is one that does
+        not match its sha256."""
+
+    def committed_at(self, round: int, client_id: str) -> Optional[float]:
+        """When the store received the update that `update_file` last returned for this client and round
+        (seconds since the epoch, as the store itself recorded it), or None if the store cannot say."""
+        return None
 
     def read_update(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """A submitted update's tensors and metadata (see `update_file`)."""
@@ -175,6 +184,7 @@ class LocalStore(RoundStore):
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self._committed: dict[tuple[int, str], float] = {}
         (self.root / "rounds").mkdir(parents=True, exist_ok=True)
         (self.root / "updates").mkdir(parents=True, exist_ok=True)
 
@@ -249,14 +259,36 @@ class LocalStore(RoundStore):
         updates = self.root / "updates"
         return sorted(p.name for p in updates.iterdir() if (p / round_name(round) / "update.json").is_file())
 
-    def update_file(self, round: int, client_id: str, max_bytes: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
+    def update_file(self, round: int, client_id: str, max_bytes: Optional[int] = None,
+                    max_meta_bytes: Optional[int] = None) -> tuple[Path, dict[str, Any]]:
         folder = self._update_dir(round, client_id)
-        if not (folder / "update.safetensors").is_file():
-            raise ValueError(f"Update of {client_id!r} for round {round} has no update.safetensors; the client must resubmit.")
-        check_update_size((folder / "update.safetensors").stat().st_size, max_bytes, round, client_id)
-        meta = read_update_json((folder / "update.json").read_bytes(), round, client_id)
+        weights = _regular_file(folder / "update.safetensors", round, client_id)
+        check_update_size(weights.st_size, max_bytes, round, client_id)
+        size = _regular_file(folder / "update.json", round, client_id).st_size
+        if max_meta_bytes is not None and size > max_meta_bytes:
+            raise too_large(size, max_meta_bytes, round, client_id)
+        with open(folder / "update.json", "rb") as f:  # bounded even if the file grows after the check
+            data = f.read(max_meta_bytes + 1 if max_meta_bytes is not None else -1)
+        meta = read_update_json(data, round, client_id, max_meta_bytes)
         check_update_file(folder / "update.safetensors", meta, round, client_id)
+        # ctime: when the file last changed on this file system; unlike mtime, no client can set it back
+        self._committed[(round, client_id)] = weights.st_ctime
         return folder / "update.safetensors", meta
+
+    def committed_at(self, round: int, client_id: str) -> Optional[float]:
+        return self._committed.get((round, client_id))
+
+
+def _regular_file(path: Path, round: int, client_id: str) -> os.stat_result:
+    """A submitted file's stat, refused unless it is a regular file (no link, folder, device or pipe)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is None or not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"Update of {client_id!r} for round {round}: {path.name} is "
+                         f"{'missing' if st is None else 'not a regular file'}; the client must resubmit its update.")
+    return st
 
 
 def _atomic_write(path: Path, text: str) -> None:

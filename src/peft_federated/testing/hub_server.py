@@ -167,6 +167,16 @@ def _entry_json(path: str, e: dict[str, Any]) -> dict[str, Any]:
     return {"type": "file", "path": path, "size": e["size"], "oid": e["oid"]}
 
 
+def _last_commit(history: list[dict[str, Any]], path: str) -> dict[str, Any]:
+    """Of `history` (newest first), the oldest commit of the newest run holding `path` as it is now."""
+    last = history[0]
+    for commit in history[1:]:
+        if commit["tree"].get(path) != history[0]["tree"][path]:
+            break
+        last = commit
+    return {"id": last["id"], "title": last["title"], "date": last["date"]}
+
+
 def _dir_json(path: str, tree: dict[str, dict[str, Any]]) -> dict[str, Any]:
     prefix = path + "/"
     digest = hashlib.sha1("".join(f"{p}\0{e['oid']}\n" for p, e in sorted(tree.items())
@@ -524,17 +534,22 @@ class _Handler(BaseHTTPRequestHandler):
         raw = self._body()
         repo = self._readable(rtype, repo_id)
         if "json" in self.headers.get("Content-Type", ""):
-            paths = json.loads(raw or b"{}").get("paths", [])
+            body = json.loads(raw or b"{}")
+            paths, expand = body.get("paths", []), str(body.get("expand", "")).lower() in ("1", "true")
         else:
-            paths = parse_qs(raw.decode()).get("paths", [])
+            form = parse_qs(raw.decode())
+            paths, expand = form.get("paths", []), form.get("expand", [""])[-1].lower() in ("1", "true")
         storage = self.hub.storage
-        tree = storage.tree(repo, storage.resolve(repo, rev or DEFAULT_BRANCH))
+        cid = storage.resolve(repo, rev or DEFAULT_BRANCH)
+        tree = storage.tree(repo, cid)
         dirs = _dirs_of(tree)
         out = []
         for p in paths:
             p = p.strip("/")
             if p in tree:
                 out.append(_entry_json(p, tree[p]))
+                if expand:  # the Hub's lastCommit: the newest commit that changed the file
+                    out[-1]["lastCommit"] = _last_commit(storage.history(repo, cid), p)
             elif p in dirs:
                 out.append(_dir_json(p, tree))
         self._send(200, out)
