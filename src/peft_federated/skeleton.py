@@ -104,6 +104,7 @@ def fill_modules_to_save(model: "PeftModel", path: str, seed: int) -> None:
             raise ValueError(f"The checkpoint at {path} holds part of {name} ({missing} missing): the aggregator needs all "
                              f"of a trained module's tensors, or none (then they are drawn from init_seed={seed}).")
         module.to_empty(device="cpu")
+        params = dict(module.named_parameters())  # new tensors: to_empty replaces them
         with torch.no_grad():
             for key, (file, ckpt_key) in found.items():
                 value = _read_tensor(path, file, ckpt_key)
