@@ -339,13 +339,21 @@ class HubStore(RoundStore):
     def _metadata(self, round: int) -> dict[str, Any]:
         return read_metadata(self._download(self.repo_id, FEDERATION, self._commit(round)).parent)
 
-    def _tag(self, round: int, commit: str) -> None:
+    def _tag(self, round: int, commit: str, replace: bool = True) -> None:
+        """Tag `commit` as `round`. A tag of that name off the federation's chain (forged, or left by another
+        run) is replaced; one on the chain at another commit means another aggregator published the round."""
         if self._tags.get(round) == commit:
             return
         try:
             self._call(f"tag round {round} in", self.repo_id, self.api.create_tag, self.repo_id,
                        tag=round_name(round), revision=commit, tag_message=f"Round {round}")
         except HfHubHTTPError as err:  # 409: it exists (another aggregator repaired the same tag); fine if it agrees
+            if _status(err)[1] == 409 and replace and round not in self._rounds() and round - 1 in self._tags | {-1: ""}:
+                logger.warning("tag %s of %s is not a round of this federation: replacing it with round %d's commit %s",
+                               round_name(round), self.repo_id, round, commit)
+                self._call(f"delete the stray tag {round_name(round)} of", self.repo_id, self.api.delete_tag,
+                           self.repo_id, tag=round_name(round))
+                return self._tag(round, commit, replace=False)
             if _status(err)[1] == 409 and round in self._rounds() and self._tags[round] != commit:
                 raise RoundAlreadyPublishedError(f"Round {round} of {self.repo_id!r} was published by another aggregator "
                                                  f"({self._tags[round]}) while this one committed {commit}.") from err
@@ -395,7 +403,7 @@ class HubStore(RoundStore):
         if meta.get("base_round") == round and meta.get("base_commit") != self._commit(round):
             raise ValueError(f"Update of {client_id!r} for round {round} was trained from commit {str(meta.get('base_commit'))[:64]} "
                              f"of {self.repo_id!r}, not from round {round}'s {self._commit(round)}: it belongs to "
-                             "another run of the federation.")
+                             "another run of the federation. The client must train from this run's round and resubmit.")
         last = getattr(infos[weights], "last_commit", None)
         if last is not None and getattr(last, "date", None) is not None:
             self._committed[(round, client_id)] = last.date.timestamp()

@@ -86,7 +86,8 @@ def update_record(round: int, client_id: str, tensors: dict[str, Tensor], meta: 
 def check_update_bytes(data: bytes, meta: dict[str, Any], round: int, client_id: str) -> None:
     """Refuse an update whose bytes do not match the sha256 recorded in its update.json."""
     if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256.")
+        raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256 (changed or "
+                         "corrupted after its update.json was written); the client must resubmit it.")
 
 
 def check_update_file(path: Path, meta: dict[str, Any], round: int, client_id: str, chunk: int = 2**20) -> None:
@@ -98,7 +99,8 @@ def check_update_file(path: Path, meta: dict[str, Any], round: int, client_id: s
         while n := f.readinto(buf):
             digest.update(view[:n])
     if digest.hexdigest() != meta.get("sha256"):
-        raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256.")
+        raise ValueError(f"Update of {client_id!r} for round {round} does not match its recorded sha256 (changed or "
+                         "corrupted after its update.json was written); the client must resubmit it.")
 
 
 def check_update_size(size: int, max_bytes: Optional[int], round: int, client_id: str) -> None:
