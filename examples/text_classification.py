@@ -127,11 +127,39 @@ def _stop(message: str) -> None:
 def _single_process_env() -> dict[str, str]:
     """This process's environment without what `accelerate launch`/torchrun set: a simulated client is its own run."""
     drop = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    return {**env, "PYTHONUNBUFFERED": "1"}  # its log is complete when it fails
 
 
-def start_federation(store, config, model, fed_args, training_args) -> list[subprocess.Popen]:
-    """Publish round 0, aggregate in a thread, and start clients 1..N-1 as processes of this script."""
+def start_clients(fed_args, training_args) -> list[subprocess.Popen]:
+    """Start clients 1..N-1 of the simulation as processes of this script, each on its own shard, and
+    a thread that stops this run if one of them fails."""
+    out = Path(training_args.output_dir)
+    federation_dir = Path(fed_args.federation_dir or out / "federation").resolve()
+    procs = []
+    for k in range(1, fed_args.num_clients):
+        (out / f"client-{k}").mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--client_index", str(k), "--run_aggregator", "False",
+               "--federation_dir", str(federation_dir), "--output_dir", str(out / f"client-{k}"), "--do_eval", "False",
+               "--push_to_hub", "False", "--report_to", "none", "--disable_tqdm", "True"]
+        log = (out / f"client-{k}" / "client.log").open("w")
+        procs.append(subprocess.Popen(cmd, env=_single_process_env(), stdout=log, stderr=subprocess.STDOUT))
+    atexit.register(lambda: [p.kill() for p in procs if p.poll() is None])
+
+    def supervise():
+        while any(p.poll() is None for p in procs):
+            threading.Event().wait(0.5)
+            for k, p in enumerate(procs, 1):
+                if p.poll() not in (None, 0):
+                    tail = (out / f"client-{k}" / "client.log").read_text()[-3000:]
+                    return _stop(f"Simulated client-{k} exited with {p.returncode}; its log ends:\n{tail}")
+
+    threading.Thread(target=supervise, name="clients", daemon=True).start()
+    return procs
+
+
+def start_aggregator(store, config, model, fed_args) -> None:
+    """Publish round 0 and aggregate every round in a thread; the simulation's clients are client-0..N-1."""
     clients = [f"client-{k}" for k in range(fed_args.num_clients)]
     initialize(store, config, model)
 
@@ -142,27 +170,6 @@ def start_federation(store, config, model, fed_args, training_args) -> list[subp
             _stop(f"The aggregator failed: {type(err).__name__}: {err}")
 
     threading.Thread(target=aggregate, name="aggregator", daemon=True).start()
-    procs = []
-    for k in range(1, fed_args.num_clients):
-        out = Path(training_args.output_dir) / clients[k]
-        out.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--client_index", str(k), "--run_aggregator", "False",
-               "--federation_dir", str(store.root.resolve()), "--output_dir", str(out), "--do_eval", "False", "--push_to_hub", "False",
-               "--report_to", "none", "--disable_tqdm", "True"]
-        log = (out / "client.log").open("w")
-        procs.append(subprocess.Popen(cmd, env=_single_process_env(), stdout=log, stderr=subprocess.STDOUT))
-    atexit.register(lambda: [p.kill() for p in procs if p.poll() is None])
-
-    def supervise():
-        while any(p.poll() is None for p in procs):
-            for k, p in enumerate(procs, 1):
-                if p.poll() not in (None, 0):
-                    tail = (Path(training_args.output_dir) / clients[k] / "client.log").read_text()[-3000:]
-                    return _stop(f"Simulated {clients[k]} exited with {p.returncode}; its log ends:\n{tail}")
-            threading.Event().wait(0.5)
-
-    threading.Thread(target=supervise, name="clients", daemon=True).start()
-    return procs
 
 
 def main():
@@ -184,6 +191,9 @@ def main():
         raise ValueError("A federated client trains: pass --do_train (evaluate a published round with plain PEFT instead).")
     if fed_args.run_aggregator and (fed_args.client_index or fed_args.client_id):
         raise ValueError("The simulation's own process is client-0: --client_index and --client_id are for --run_aggregator False.")
+
+    simulating = fed_args.run_aggregator and training_args.process_index == 0
+    procs = start_clients(fed_args, training_args) if simulating else []  # they load while this process does
 
     set_seed(training_args.seed)
 
@@ -268,9 +278,8 @@ def main():
         processing_class=tokenizer, data_collator=data_collator,
         federated_config=federated_config, client_id=client_id, store=store, poll_interval=0.2, round_timeout=fed_args.round_timeout,
     )
-    procs = []
-    if fed_args.run_aggregator and training_args.process_index == 0:
-        procs = start_federation(store, federated_config, model, fed_args, training_args)
+    if simulating:
+        start_aggregator(store, federated_config, model, fed_args)
 
     # Training: every round of the federation; afterwards the model holds its final global round.
     try:
