@@ -31,10 +31,10 @@ VOCAB, SEQ = 64, 8
 
 @pytest.fixture(scope="module")
 def llama_path(tmp_path_factory):
-    """A tiny random Llama checkpoint (float32): what every party loads, quantized or not. bitsandbytes' CPU
-    inference kernels need input sizes that are multiples of its 64-value blocks."""
+    """A tiny random Llama checkpoint (float32): what every party loads, quantized or not. down_proj's 96
+    inputs are not a multiple of 64, which bitsandbytes' CPU repacking (turned off by the loader) cannot take."""
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, max_position_embeddings=32)
     path = tmp_path_factory.mktemp("llama") / "tiny-llama"
     LlamaForCausalLM(config).save_pretrained(path)
@@ -166,16 +166,21 @@ def test_cli_refuses_4bit_without_bitsandbytes(tmp_path, monkeypatch, capsys):
     assert not store.exists()
 
 
-def test_reading_the_adapter_leaves_4bit_weights_alone(llama_path):
+def test_reading_the_adapter_leaves_4bit_weights_alone(tmp_path):
     """bitsandbytes repacks a 4-bit weight for CPU inference and converts it back in `state_dict()`, losing
-    its scales' layout: reading the adapter must not run state-dict hooks, whatever the layout."""
+    its scales' layout (rows of several 64-value blocks): reading the adapter must not run state-dict hooks."""
     from peft_federated.adapter import read_tensors
 
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=4,
+                                 num_key_value_heads=2, max_position_embeddings=32)).save_pretrained(tmp_path / "llama128")
     config = fed_config("fedex")
-    model = get_peft_model(load_base_model(llama_path, "CAUSAL_LM", quantization=four_bit()), config.to_lora_config()).eval()
-    for module in model.modules():  # bitsandbytes' own default where the CPU has AVX512-BF16
+    model = get_peft_model(load_base_model(str(tmp_path / "llama128"), "CAUSAL_LM", quantization=four_bit()), config.to_lora_config()).eval()
+    from bitsandbytes.functional import has_avx512bf16
+
+    for module in model.modules():  # bitsandbytes' own default (where the CPU has AVX512-BF16: repacked)
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = True
+            module.support_avx512bf16_for_cpu = has_avx512bf16()
     probe = torch.tensor(tokens(2, 3)["input_ids"])
     with torch.no_grad():
         first = model(input_ids=probe).logits
