@@ -60,13 +60,16 @@ class LowRank:
     def to(self, dtype: torch.dtype) -> "LowRank":
         return LowRank(self.U.to(dtype), self.V.to(dtype))
 
-    def compressed(self) -> "LowRank":
+    def compressed(self, computed_in: torch.dtype | None = None) -> "LowRank":
         """The same matrix with the fewest factors: drops only singular values at rounding level.
 
         QR of both factors, then an SVD of the small q x q core, in float64: exact up to rounding,
-        and the rank never exceeds min(d_out, d_in).
+        and the rank never exceeds min(d_out, d_in). `computed_in`: the dtype whose rounding level
+        counts (default the factors'): factors widened from float32 values that were rounded (a mean)
+        carry float32 rounding in directions of their own, which float64's level would keep.
         """
         dtype = self.U.dtype
+        eps = torch.finfo(computed_in or dtype).eps
         if self.rank == 0:
             return self
         q1, r1 = torch.linalg.qr(self.U.double())
@@ -75,7 +78,7 @@ class LowRank:
         # Relative to ||U|| ||V||, not to the largest singular value: a sum that cancels (FedEx's
         # residual of identical clients) must come out as rank 0, not as amplified rounding noise.
         size = torch.linalg.norm(self.U.double()) * torch.linalg.norm(self.V.double())
-        tol = 16 * torch.finfo(torch.float64).eps * max(self.U.shape[0], self.V.shape[1], self.rank) * size
+        tol = 16 * max(eps, torch.finfo(torch.float64).eps) * max(self.U.shape[0], self.V.shape[1], self.rank) * size
         keep = int((s > tol).sum())
         root = s[:keep].sqrt()
         U = (q1 @ p[:, :keep]) * root

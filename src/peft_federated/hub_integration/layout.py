@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,14 +32,21 @@ class CorruptRoundError(ValueError):
     """A round's files are missing, truncated or malformed."""
 
 
+def pattern_key(module: str) -> str:
+    """The rank_pattern / alpha_pattern key of exactly `module` (its path in the base model). PEFT reads
+    keys as regular expressions matched against a module path's dotted suffixes, first match wins: a
+    bare `fc` would also match `sub.fc`. Anchored, the key matches the whole path and nothing else."""
+    return f"^{re.escape(module)}$"
+
+
 def write_round(folder: str | Path, state: GlobalState, config: "FederatedLoraConfig", metadata: dict | None = None) -> Path:
     """Write a round's adapter, adapter config and federation metadata into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors, ranks = to_peft_adapter(state, config.r)
     lora_config = config.to_lora_config(
-        rank_pattern={m: r for m, r in ranks.items()},
-        alpha_pattern={m: alpha_for_scale(config.scaling, r, config.use_rslora) for m, r in ranks.items()},
+        rank_pattern={pattern_key(m): r for m, r in ranks.items()},
+        alpha_pattern={pattern_key(m): alpha_for_scale(config.scaling, r, config.use_rslora) for m, r in ranks.items()},
         inference_mode=True,
     )
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})

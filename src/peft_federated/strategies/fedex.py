@@ -1,8 +1,9 @@
 """FedEx-LoRA (Singhal et al., 2025): FedAvg of A and B plus the exact residual folded into the base.
 
 R = sum p_k B_k A_k - B A with A, B the averages (as published); W0 <- W0 + s R, so
-W0' + s B A = W0 + s sum p_k B_k A_k exactly. R = sum_k p_k B_k (A_k - A) has rank <= K r and is
-kept as low-rank factors, never as a dense d_out x d_in matrix.
+W0' + s B A = W0 + s sum p_k B_k A_k exactly. R = sum_k p_k (B_k - B)(A_k - A) has rank <= (K-1) r
+(in every dtype: directions at the averages' rounding level are dropped) and is kept as low-rank
+factors, never as a dense d_out x d_in matrix.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class FedExModule(FedAvgModule):
 
     def result(self) -> tuple[Tensor, Tensor, Optional[LowRank]]:
         A, B = self.averaged()
-        residual = self.products.mean().concat(LowRank(-B.double(), A.double())).compressed()
+        # B and A were rounded to their dtype: directions at that level are rounding, not residual.
+        residual = self.products.mean().concat(LowRank(-B.double(), A.double())).compressed(A.dtype)
         return A, B, residual
 
 
