@@ -57,11 +57,15 @@ def run_simulation(
     progress: bool = True,
     output_dir: Optional[str | Path] = None,
     stop_after_clients: Optional[int] = None,
+    evaluate_fn: Optional[Callable[[Any], dict[str, float]]] = None,
 ) -> SimulationResult:
     """Run (or resume) a federation of `client_datasets` on `model` (a PeftModel built from `config`).
 
     Writes `results.json` and `metrics.png` to `output_dir` (default: the store's folder).
     `stop_after_clients` stops abruptly after that many client trainings (to test resuming).
+    `evaluate_fn(model)`, if given, scores each round's global model instead of `trainer.evaluate()`.
+    Trainers that tokenize their datasets when built (TRL's, e.g. `FederatedSFTTrainer`) get every
+    client's dataset prepared the same way, once.
     """
     store = LocalStore(store) if isinstance(store, (str, Path)) else store
     ids = sorted(client_datasets)
@@ -76,14 +80,15 @@ def run_simulation(
         federated_config=config,
         client_id=ids[0],
     )
+    client_datasets = {cid: _prepared(trainer, ds, i) for i, (cid, ds) in enumerate(sorted(client_datasets.items()))}
     strategy = trainer.strategy
     trainer.remove_callback(PrinterCallback)  # the round/client progress bar reports instead
 
     def evaluate(state: GlobalState) -> dict[str, float]:
-        if eval_dataset is None:
+        if eval_dataset is None and evaluate_fn is None:
             return {}
         strategy.prepare_client(model, state, "global").close()  # load the global model
-        metrics = trainer.evaluate()
+        metrics = evaluate_fn(model) if evaluate_fn is not None else trainer.evaluate()
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
     if store.latest_round() is None:
@@ -122,6 +127,15 @@ def run_simulation(
     result.results_json = write_results(out, config, history)
     result.plot = plot_history(out / "metrics.png", history, title=f"{config.strategy}: global model per round")
     return result
+
+
+def _prepared(trainer, dataset, index: int):
+    """`dataset` as the trainer would have prepared it at construction (the first one already is)."""
+    prepare = getattr(trainer, "_prepare_dataset", None)  # TRL's SFTTrainer: chat template, tokenize, labels
+    if index == 0 or prepare is None or getattr(trainer, "_skip_prepare_dataset", False):
+        return trainer.train_dataset if index == 0 else dataset
+    return prepare(dataset, trainer.processing_class, trainer.args, trainer.args.packing,
+                   getattr(trainer, "_formatting_func", None), "train")
 
 
 def write_results(folder: Path, config: FederatedLoraConfig, history: list[dict[str, Any]]) -> Path:
