@@ -187,6 +187,9 @@ def main():
     transformers.utils.logging.set_verbosity(log_level)
     logger.warning(f"Process rank: {training_args.process_index}, device: {training_args.device}, "
                    f"distributed training: {training_args.parallel_mode.value == 'distributed'}")
+    # A classification loss is a mean over the batch, not a sum over tokens: left on, transformers would scale it
+    # by the number of processes under DDP (average_tokens_across_devices), doubling the loss and step of 2 GPUs.
+    training_args.average_tokens_across_devices = False
     if not training_args.do_train:
         raise ValueError("A federated client trains: pass --do_train (evaluate a published round with plain PEFT instead).")
     if fed_args.run_aggregator and (fed_args.client_index or fed_args.client_id):

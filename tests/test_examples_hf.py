@@ -156,3 +156,18 @@ def eval_loss_of_jsonl(model_dir: Path, round_folder: Path, path: Path) -> float
     with torch.no_grad():
         logits = model(**batch).logits
     return float(torch.nn.functional.cross_entropy(logits, torch.tensor([r["label"] for r in rows])))
+
+
+@pytest.mark.slow
+def test_multi_gpu_example_trains_client_0_data_parallel_under_accelerate_launch(assets, tmp_path):
+    """The example's accelerate config, with 2 CPU processes over gloo (the config's GPUs are not here)."""
+    out, launcher = tmp_path / "out", Path(sys.executable).with_name("accelerate")
+    proc = run([str(launcher), "launch", "--config_file", str(EXAMPLES / "multi_gpu" / "accelerate_config.yaml"),
+                "--num_processes", "2", str(EXAMPLES / "text_classification.py"), *script_args(assets, out),
+                "--per_device_train_batch_size", "4"], timeout=360)
+    for rank in (0, 1):
+        assert f"Process rank: {rank}, device: cpu" in proc.stdout + proc.stderr
+    assert "distributed training: True" in proc.stdout + proc.stderr
+    # the simulated client-1, started by rank 0, is a single process of its own
+    assert "Process rank: 0, device: cpu, distributed training: False" in (out / "client-1" / "client.log").read_text()
+    check_script_outputs(assets, out, rounds=2)
