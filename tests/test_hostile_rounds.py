@@ -118,3 +118,17 @@ def test_the_global_repo_id_is_checked():
     for bad in ("org", "org/a/b", "org/bad name", "/x"):
         with pytest.raises(ValueError, match="repo_id must be a Hub repo id"):
             HubStore(bad, endpoint="http://127.0.0.1:9")
+
+
+def test_serve_neither_stops_nor_skips_rounds_at_a_forged_round(hub):
+    import dataclasses
+
+    from peft_federated.aggregator import serve
+
+    forge(hub, {"federation.json": forged_federation_json(hub, 7)})
+    HfApi(endpoint=hub.server.url, token="tok-rival").create_tag(REPO, tag="round-0007", revision="main")
+    cfg = dataclasses.replace(hub.cfg, num_rounds=1)
+    honest(hub, "alice", 1)
+    serve(hub.store, cfg, clients=["alice"], quorum=1, poll_interval=0.05)  # returns once round 1 is published
+    assert hub.store.latest_round() == 1 and "round-0001" in tags(hub)
+    assert [h["round"] for h in hub.store.history()] == [0, 1]

@@ -304,12 +304,13 @@ class HubStore(RoundStore):
             r = len(chain)
             if self._tags.get(r) != commit and (why := self._not_next_round(r, commit, chain.get(r - 1))):
                 self._report(commit, f"tag {round_name(r)} of {self.repo_id!r} ({commit}) is not a round of this "
-                             f"federation ({why}): ignored, with every later tag. Delete the tag by hand.")
+                             f"federation ({why}): ignored, with every later tag; the aggregator replaces it when it "
+                             "publishes that round")
                 break
             chain[r] = commit
         for r in sorted(set(tagged) - set(chain)):
             self._report(tagged[r], f"tag {round_name(r)} of {self.repo_id!r} is not on the federation's chain of rounds "
-                         f"(rounds 0-{len(chain) - 1}): ignored")
+                         f"(its latest round is {len(chain) - 1}): ignored")
         self._tags = chain
         return dict(chain)
 
