@@ -18,7 +18,8 @@ SHAPES = {"wide": (24, 40), "tall": (40, 28)}  # (d_out, d_in): non-square, and 
 
 
 @pytest.mark.parametrize("weights", [[1, 1, 1, 1], [3, 1, 7, 2]])
-def test_fedex_residual_has_rank_at_most_k_minus_1_r_in_every_dtype(gen, dtype, weights):
+@pytest.mark.parametrize("spread", [1.0, 1e-2])  # clients apart, or close (a small residual, all of it kept)
+def test_fedex_residual_has_rank_at_most_k_minus_1_r_in_every_dtype(gen, dtype, weights, spread):
     """R = sum p_k B_k A_k - B A = sum p_k (B_k - B)(A_k - A) has rank <= (K-1) r: directions at the
     rounding level of the averages (float32's, ~1e-8 of the largest) are not part of it."""
     config = FederatedLoraConfig(strategy="fedex", r=R, lora_alpha=2 * R, target_modules=list(SHAPES))
@@ -28,7 +29,8 @@ def test_fedex_residual_has_rank_at_most_k_minus_1_r_in_every_dtype(gen, dtype, 
         tensors[lora_key(m, "lora_A")] = torch.randn(R, d_in, generator=gen, dtype=dtype)
         tensors[lora_key(m, "lora_B")] = torch.zeros(d_out, R, dtype=dtype)
     state = GlobalState(round=0, tensors=tensors)
-    ups = [{k: torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in tensors.items()} for _ in range(K)]
+    centre = {k: torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in tensors.items()}
+    ups = [{k: v + spread * torch.randn(v.shape, generator=gen, dtype=dtype) for k, v in centre.items()} for _ in range(K)]
     new = s.aggregate(state, [(f"c{k}", u, n) for k, (u, n) in enumerate(zip(ups, weights))])
     p = [w / sum(weights) for w in weights]
     for m, (d_out, d_in) in SHAPES.items():

@@ -64,12 +64,11 @@ class LowRank:
         """The same matrix with the fewest factors: drops only singular values at rounding level.
 
         QR of both factors, then an SVD of the small q x q core, in float64: exact up to rounding,
-        and the rank never exceeds min(d_out, d_in). `computed_in`: the dtype whose rounding level
-        counts (default the factors'): factors widened from float32 values that were rounded (a mean)
-        carry float32 rounding in directions of their own, which float64's level would keep.
+        and the rank never exceeds min(d_out, d_in). `computed_in`: the dtype some factors were
+        rounded to (a mean rounded to float32, then widened): that rounding adds directions of its own,
+        with singular values below eps(computed_in) * ||U|| ||V||, which float64's level would keep.
         """
         dtype = self.U.dtype
-        eps = torch.finfo(computed_in or dtype).eps
         if self.rank == 0:
             return self
         q1, r1 = torch.linalg.qr(self.U.double())
@@ -78,7 +77,9 @@ class LowRank:
         # Relative to ||U|| ||V||, not to the largest singular value: a sum that cancels (FedEx's
         # residual of identical clients) must come out as rank 0, not as amplified rounding noise.
         size = torch.linalg.norm(self.U.double()) * torch.linalg.norm(self.V.double())
-        tol = 16 * max(eps, torch.finfo(torch.float64).eps) * max(self.U.shape[0], self.V.shape[1], self.rank) * size
+        tol = 16 * torch.finfo(torch.float64).eps * max(self.U.shape[0], self.V.shape[1], self.rank) * size
+        if computed_in is not None:
+            tol = max(tol, torch.finfo(computed_in).eps * size)
         keep = int((s > tol).sum())
         root = s[:keep].sqrt()
         U = (q1 @ p[:, :keep]) * root
