@@ -106,6 +106,19 @@ def test_each_format_trains_rounds_with_the_right_labels(fmt, llama_dir, tokeniz
         assert state.round == round + 1
 
 
+def test_tokenized_data_keeps_its_labels_and_gradient_checkpointing_trains(llama_dir, tokenizer, tmp_path):
+    ids = [tokenizer(t)["input_ids"] for t in ROWS["text"]["text"]]
+    labels = [[-100] * 3 + row[3:] for row in ids]  # the caller's own mask: no loss on the first three tokens
+    data, fmt = prepare_sft_data(Dataset.from_dict({"input_ids": ids, "labels": labels, "attention_mask": [[1] * len(r) for r in ids]}))
+    assert fmt.kind == "tokenized" and data.column_names == ["input_ids", "labels"]
+    trainer = trainer_for(llama_dir, tokenizer, data, tmp_path, gradient_checkpointing=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert (batch["labels"][:, :3] == -100).all() and (batch["labels"][:, 3] != -100).all()
+    state = trainer.strategy.initial_state(trainer.model)
+    payload, _, metrics = trainer.train_round(state)
+    assert metrics["train_loss"] > 0 and any(not torch.equal(payload[k], state.tensors[k]) for k in payload)
+
+
 def test_prompts_filling_max_length_are_dropped_and_refused_when_none_is_left(llama_dir, tokenizer, tmp_path, caplog):
     rows = {"prompt": ["short", "a much longer prompt than the first one is"], "completion": [" yes", " no"]}
     data, _ = prepare_sft_data(Dataset.from_dict(rows), tokenizer)
