@@ -37,6 +37,7 @@ import _thread
 import atexit
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -145,6 +146,7 @@ def start_clients(fed_args, training_args) -> list[subprocess.Popen]:
         log = (out / f"client-{k}" / "client.log").open("w")
         procs.append(subprocess.Popen(cmd, env=_single_process_env(), stdout=log, stderr=subprocess.STDOUT))
     atexit.register(lambda: [p.kill() for p in procs if p.poll() is None])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a terminated run stops its clients too (atexit)
 
     def supervise():
         while any(p.poll() is None for p in procs):
@@ -196,6 +198,9 @@ def main():
         raise ValueError("The simulation's own process is client-0: --client_index and --client_id are for --run_aggregator False.")
 
     simulating = fed_args.run_aggregator and training_args.process_index == 0
+    if simulating and fed_args.num_clients > 1 and len(sys.argv) == 2 and sys.argv[1].endswith(".json"):
+        raise ValueError("The simulation starts its other clients with this run's command line: give the arguments on "
+                         "the command line, not in a JSON file (or run each client with --run_aggregator False).")
     procs = start_clients(fed_args, training_args) if simulating else []  # they load while this process does
 
     set_seed(training_args.seed)
@@ -254,12 +259,13 @@ def main():
         result["label"] = [label_to_id[label] for label in examples[data_args.label_column_name]]
         return result
 
+    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None and split in raw_datasets:  # before tokenizing: every client process tokenizes
+            raw_datasets[split] = raw_datasets[split].select(range(min(len(raw_datasets[split]), limit)))
     with training_args.main_process_first(desc="dataset map pre-processing"):
         raw_datasets = raw_datasets.map(preprocess_function, batched=True, desc="Running tokenizer on dataset")
 
     train_dataset = raw_datasets["train"]
-    if data_args.max_train_samples is not None:
-        train_dataset = train_dataset.select(range(min(len(train_dataset), data_args.max_train_samples)))
     if index is not None:  # this client's shard of the simulated federation
         train_dataset = dirichlet_partition(train_dataset, fed_args.num_clients, fed_args.dirichlet_alpha, seed=training_args.seed)[index]
     eval_dataset = None
@@ -267,8 +273,6 @@ def main():
         if "validation" not in raw_datasets:
             raise ValueError("--do_eval requires a validation dataset")
         eval_dataset = raw_datasets["validation"]
-        if data_args.max_eval_samples is not None:
-            eval_dataset = eval_dataset.select(range(min(len(eval_dataset), data_args.max_eval_samples)))
 
     def compute_metrics(p: EvalPrediction):
         preds = p.predictions[0] if isinstance(p.predictions, tuple) else p.predictions
