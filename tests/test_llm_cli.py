@@ -146,6 +146,10 @@ def test_causal_lm_federation_in_a_local_folder(llama_dir, tmp_path):
             procs[client] = start(CLIENT + where + ["--client-id", client, "--output-dir", str(tmp_path / f"out-{client}"),
                                                     "--data", *extra], env_for(client, tmp_path), tmp_path / f"{client}.log")
         check_summary(wait_all(procs, tmp_path, budget=240), ["carol", "dave"])
+        for client in data:
+            log = (tmp_path / f"{client}.log").read_text()
+            printed = json.loads(log[log.rindex('{\n  "client_id"'):])
+            assert printed["client_id"] == client and printed["metrics"]["train_loss"] > 0
     finally:
         for proc in procs.values():
             if proc.poll() is None:

@@ -197,7 +197,7 @@ def _run_role(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         except (SFTDataError, roles.PrecisionError, FileNotFoundError) as e:  # refused before any round trains
             print(f"peft-federated client: error: {e}", file=sys.stderr)
             return 2
-        print(json.dumps({"client_id": args.client_id, "last_round_metrics": metrics}, indent=2))
+        print(json.dumps({"client_id": args.client_id, "metrics": metrics}, indent=2))
     return 0
 
 

@@ -175,7 +175,7 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
                completion_column: Optional[str] = None, chat_template: Optional[str] = None,
                gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False, bf16: bool = False,
                fp16: bool = False, packing: bool = False, quantization: Optional["BitsAndBytesConfig"] = None) -> dict[str, float]:
-    """Take part in every round of the federation in `store`; returns the last round's metrics.
+    """Take part in every round of the federation in `store`; returns the training metrics (the Trainer's names).
 
     The federation's task type (from round 0) picks the trainer: CAUSAL_LM trains with
     `FederatedSFTTrainer` (TRL) on text, prompt/completion, messages or tokenized data (see
@@ -229,4 +229,5 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
             model=model, args=TrainingArguments(**common), train_dataset=dataset,
             data_collator=DataCollatorWithPadding(tokenizer) if tokenizer is not None else None, **loop,
         )
-    return trainer.train()
+    output = trainer.train()
+    return dict(getattr(output, "metrics", output) or {})
