@@ -8,6 +8,7 @@ same 4-bit base from the published round.
 from __future__ import annotations
 
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -189,3 +190,53 @@ def test_reading_the_adapter_leaves_4bit_weights_alone(tmp_path):
     torch.testing.assert_close(again, first, rtol=0, atol=0)
     expected = get_peft_model_state_dict(model)  # through state_dict(), last: it converts the weights
     assert set(tensors) == set(expected) and all(torch.equal(tensors[k], expected[k]) for k in expected)
+
+
+def test_run_client_on_a_4bit_base(tmp_path):
+    """The client role with `quantization=` (what --load-in-4bit passes): a FLoRA SEQ_CLS federation whose
+    aggregator (config only) and 4-bit client share a LocalStore; every round loads with plain PEFT."""
+    import json
+    import threading
+
+    from transformers import LlamaForSequenceClassification
+
+    from peft_federated.aggregator import aggregate_round
+    from peft_federated.roles import run_client, start_aggregator
+
+    torch.manual_seed(0)
+    path = tmp_path / "llama-cls"
+    LlamaForSequenceClassification(LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                               num_attention_heads=4, num_key_value_heads=2, num_labels=2, pad_token_id=0)).save_pretrained(path)
+    rows = [{"input_ids": ids, "attention_mask": [1] * SEQ, "label": ids[0] % 2} for ids in tokens(16, 4)["input_ids"]]
+    data = tmp_path / "train.json"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    config = FederatedLoraConfig(strategy="flora", r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS",
+                                 num_rounds=2, local_steps=2, base_model_name_or_path=str(path))
+    store = LocalStore(tmp_path / "store")
+    start_aggregator(store, config, str(path))
+    errors = []
+
+    def client():
+        try:
+            run_client(LocalStore(tmp_path / "store"), "alice", data, output_dir=str(tmp_path / "out"), batch_size=8,
+                       learning_rate=1e-2, poll_interval=0.1, round_timeout=120, quantization=four_bit())
+        except BaseException as err:  # reported by the main thread
+            errors.append(err)
+
+    thread = threading.Thread(target=client, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 180
+    while (store.latest_round() or 0) < config.num_rounds and time.monotonic() < deadline and not errors:
+        if store.list_updates(store.latest_round()):
+            aggregate_round(store, config, ["alice"])
+        time.sleep(0.1)
+    thread.join(timeout=60)
+    assert not errors, errors
+    assert store.latest_round() == config.num_rounds
+    probe = torch.tensor(tokens(2, 8)["input_ids"])
+    for rnd in (1, 2):
+        state, meta = store.read_round(rnd)
+        assert [c["client_id"] for c in meta["contributions"]] == ["alice"] and state.base_delta
+        plain = PeftModel.from_pretrained(load_base_model(str(path), "SEQ_CLS", quantization=four_bit()), str(store.round_folder(rnd)))
+        with torch.no_grad():
+            assert torch.isfinite(plain.eval()(input_ids=probe).logits).all()
