@@ -254,8 +254,54 @@ def digits(data: dict) -> str:
     return "\n".join(out)
 
 
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def aggregator_start(data: dict) -> str:
+    GiB = 2**30
+    runs = data["runs"]
+    out = [
+        f"Round 0 of a SEQ_CLS federation (LoRA r={data['lora']['r']} on {', '.join(data['lora']['target_modules'])}, "
+        f"a {data['labels']}-label score head trained with the adapter) published in a LocalStore, each start in a fresh "
+        f"process, fastest of {data['repeats']}. `skeleton` = `peft-federated aggregate` now (`roles.start_aggregator`: "
+        "the model built from config.json on the meta device, the head read alone from the checkpoint, or drawn from "
+        "init_seed where the folder holds only config.json, as for the 7B); `full_model` = before (the whole model loaded "
+        "with `from_pretrained`, then round 0). Seconds exclude the imports; peak RSS is the process's (VmHWM, imports "
+        "included; `RSS before` is after the imports). `model files needed`: what the path reads or needs present in the "
+        "model folder (a Hub download would fetch as much). transformers 5 memory-maps a safetensors checkpoint of the "
+        "dtype it loads, so the full-model path touches few of its pages and stays fast while the files are on local disk "
+        "(here in the page cache); it needs the whole checkpoint there, and the 7B's float32 weights would not fit in "
+        "this machine's memory once touched, so it runs up to 1.3B.",
+        "",
+    ]
+    rows = []
+    for r in runs:
+        same = r.get("same_round0_as_full_model")
+        rows.append([r["model"], f"{r['parameters'] / 1e9:.2f}B", f"{4 * r['parameters'] / GiB:.1f} GiB", r["method"],
+                     f"{r['seconds']:.2f}", f"{r['peak_rss_bytes'] / GiB:.2f} GiB", f"{r['rss_before_bytes'] / GiB:.2f} GiB",
+                     _size(r["needed_bytes"]), "" if same is None else ("yes" if same else "**no**")])
+    out.append(table(["model", "parameters", "float32 weights", "method", "seconds to round 0", "peak RSS", "RSS before",
+                      "model files needed", "same round 0 as full_model"], rows))
+    out.append("")
+    for model in dict.fromkeys(r["model"] for r in runs):
+        mine = {r["method"]: r for r in runs if r["model"] == model}
+        sk = mine["skeleton"]
+        if "full_model" in mine:
+            full = mine["full_model"]
+            out.append(f"- {model}: full_model / skeleton = {full['seconds'] / sk['seconds']:.2f}x the time, "
+                       f"{full['peak_rss_bytes'] / sk['peak_rss_bytes']:.2f}x the peak RSS, "
+                       f"{full['needed_bytes'] / sk['needed_bytes']:,.0f}x the model files.")
+        else:
+            out.append(f"- {model}: the skeleton publishes round 0 in {sk['seconds']:.2f} s with a peak RSS of "
+                       f"{sk['peak_rss_bytes'] / GiB:.2f} GiB from {_size(sk['needed_bytes'])} of model files; loading the "
+                       f"model would need its {4 * sk['parameters'] / GiB:.1f} GiB of float32 weights on disk (or downloaded).")
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, tuple[str | Callable[[dict], str], Callable[[dict], str]]] = {
     "aggregation": (lambda d: f"Server-side aggregation, {d['dtype']} updates", aggregation),
+    "aggregator_start": ("Aggregator start: round 0 without the base weights", aggregator_start),
     "communication": ("Communication and federation overhead", communication),
     "rank1_regression": ("Rank-1 federated regression (RoLoRA's linear analysis)", rank1_regression),
     "quality": ("Algorithm quality: federated sentiment with every strategy", quality),
