@@ -212,3 +212,18 @@ def test_precision_the_machine_lacks_is_refused_before_waiting_for_round_0(tmp_p
     (tmp_path / "none.jsonl").write_text("")
     with pytest.raises(SFTDataError, match="has no rows"):  # an empty file, before waiting for round 0 either
         run_client(empty, "erin", tmp_path / "none.jsonl", round_timeout=0)
+
+
+def test_a_chat_template_file_lets_messages_train_with_a_tokenizer_without_one(tmp_path):
+    from test_sft_data import CHAT_TEMPLATE
+
+    store = published_round_0(save_tiny_llama(tmp_path / "plain", chat_template=False), tmp_path / "store")
+    path = tmp_path / "chats.jsonl"
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in ROWS["messages"]["messages"]))
+    with pytest.raises(FileNotFoundError):  # a missing template file: refused before anything else
+        run_client(LocalStore(tmp_path / "empty"), "erin", path, chat_template=str(tmp_path / "missing.jinja"), round_timeout=0)
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    with pytest.raises(TimeoutError):  # round 0 trained and submitted; nobody aggregates it here
+        run_client(store, "erin", path, chat_template=str(tmp_path / "chat.jinja"), output_dir=str(tmp_path / "out"),
+                   batch_size=4, round_timeout=3, poll_interval=0.1)
+    assert store.list_updates(0) == ["erin"]

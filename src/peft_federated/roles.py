@@ -186,6 +186,7 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
     from peft import get_peft_model
 
     check_precision(bf16, fp16)
+    template = Path(chat_template).read_text() if chat_template is not None else None
     table = read_dataset(data)
     if len(table) == 0:
         raise SFTDataError(f"{data} has no rows: this client has nothing to train on. Give it a non-empty dataset.")
@@ -197,9 +198,9 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
     causal = config.task_type == "CAUSAL_LM"
     if causal:
         if tokenizer is None:
-            raise ValueError(f"The base model {model_path} has no tokenizer, which TRL's SFTTrainer needs: save one beside the model.")
-        if chat_template is not None:
-            tokenizer.chat_template = Path(chat_template).read_text()
+            raise SFTDataError(f"The base model {model_path} has no tokenizer, which TRL's SFTTrainer needs: save one beside the model.")
+        if template is not None:
+            tokenizer.chat_template = template
         dataset, _ = prepare_sft_data(table, tokenizer, text_column, messages_column, prompt_column, completion_column, str(data))
     else:
         dataset = load_client_data(table, tokenizer, max_length or 128, text_column or "text", label_column)
