@@ -93,6 +93,7 @@ def check_plain_peft_loads(folder: Path, llama_dir: Path, store, round: int) -> 
         assert not torch.allclose(logits, base(input_ids=ids).logits, atol=1e-5)  # the rounds did change the model
 
 
+@pytest.mark.slow  # an aggregator and two clients as processes
 def test_causal_lm_federation_through_the_hub(llama_dir, tmp_path):
     """FedEx-LoRA (an exact strategy: its base change travels as extra ranks); alice trains on plain
     text in a JSON-lines file, bob on chat messages in a `save_to_disk` folder with gradient accumulation."""
@@ -130,6 +131,7 @@ def test_causal_lm_federation_through_the_hub(llama_dir, tmp_path):
         server.wait(10)
 
 
+@pytest.mark.slow  # an aggregator and two clients as processes
 def test_causal_lm_federation_in_a_local_folder(llama_dir, tmp_path):
     """RoLoRA over --local-dir; carol's prompt/completion CSV has its own column names (--prompt-column,
     --completion-column), dave's plain text is packed (--packing)."""
