@@ -4,7 +4,7 @@
     peft-federated client --repo org/fed --client-id a --data train.json
 
 The aggregator defines the federation: it builds the `FederatedLoraConfig`, publishes round 0 from
-the base model and serves the rounds. A client reads that config back from round 0
+the base model's config (no weight is loaded: `skeleton`) and serves the rounds. A client reads that config back from round 0
 (adapter_config.json + federation.json), so both sides always agree; a client needs the repo id, its
 data and the base model (by default the `base_model_name_or_path` the aggregator recorded).
 """
