@@ -67,14 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def resolve_model(name: str, output_dir: Path) -> tuple[Path, str]:
-    """(folder, display name) of the base model."""
+    """(folder, name of the base model in the published adapters)."""
     from peft_federated.models import smollm2_path, tiny_chat_llama
 
     if name == "smollm2":
         return smollm2_path(), "HuggingFaceTB/SmolLM2-135M-Instruct"
-    if name == "tiny":
-        return tiny_chat_llama(output_dir / "tiny-llama"), "tiny random Llama (all-MiniLM-L6-v2 tokenizer)"
-    return Path(name), Path(name).name
+    folder = tiny_chat_llama(output_dir / "tiny-llama") if name == "tiny" else Path(name)
+    return folder, str(folder)
 
 
 def as_instructions(dataset, styles: list[int], words: list[str]):
@@ -262,7 +261,10 @@ def main(argv=None) -> dict:
         base_model_name_or_path=model_name,
     )
     torch.manual_seed(args.seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), config.to_lora_config())
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    if args.model == "smollm2":
+        base.name_or_path = model_name  # the published adapters name the Hub model, not this machine's cache folder
+    model = get_peft_model(base, config.to_lora_config())
     setup_s = time.time() - start
     t0 = time.time()
     result = run_simulation(
