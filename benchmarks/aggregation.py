@@ -173,7 +173,7 @@ def fold_arithmetic_bandwidth(numel: int, dtype: torch.dtype, clients: int = 16,
     contiguous share of the runs), the fastest of `repeats`; and the same with a weighted sum (one
     `add_(x, alpha=w)` per client) in place of the running mean. Every client byte is read once from
     memory, as in the bound; the gap to it is the arithmetic's."""
-    from peft_federated.strategies.base import RUN_BYTES
+    from peft_federated.fold import RUN_BYTES
 
     gen = torch.Generator().manual_seed(0)
     pool = [torch.randn(numel, generator=gen).to(dtype) for _ in range(clients)]

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from test_invariants import random_state, random_update
 
 from peft_federated import get_strategy
-from peft_federated.strategies import base
+from peft_federated import fold
 from peft_federated.update_file import UpdateFile
 
 STRATEGIES = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
@@ -63,8 +63,8 @@ def only_runs(monkeypatch, run_bytes):
     def fail(*args):
         raise AssertionError("folded module by module, not by runs")
 
-    monkeypatch.setattr(base, "RUN_BYTES", run_bytes)
-    monkeypatch.setattr(base.Aggregator, "_fold_modules", fail)
+    monkeypatch.setattr(fold, "RUN_BYTES", run_bytes)
+    monkeypatch.setattr(fold, "fold_modules", fail)
 
 
 @pytest.mark.parametrize("name", ["fedit", "ffa", "rolora"])
@@ -87,14 +87,14 @@ def test_plain_means_fold_by_runs_equal_accept_one_by_one(tmp_path, monkeypatch,
 def test_means_on_their_own_mapping_equal_accept_and_outlive_the_aggregator(tmp_path, monkeypatch, gen, dtype):
     """Means of 2 MiB and more go on an anonymous mapping of their own (huge pages); here every
     size does. The published tensors are views of it: they must stay valid once the aggregator is gone."""
-    monkeypatch.setattr(base, "HUGE_PAGE_BYTES", 1)
-    mapped, empty_huge = [], base.empty_huge
+    monkeypatch.setattr(fold, "HUGE_PAGE_BYTES", 1)
+    mapped, empty_huge = [], fold.empty_huge
 
     def counted(numel, dtype):
         mapped.append(empty_huge(numel, dtype))
         return mapped[-1]
 
-    monkeypatch.setattr(base, "empty_huge", counted)
+    monkeypatch.setattr(fold, "empty_huge", counted)
     only_runs(monkeypatch, 100)  # a few tensors a run: several runs, shared by both workers
     s = get_strategy(make_config("fedit", r=3))
     state = random_state(gen, dtype, round=1)
@@ -133,7 +133,7 @@ def test_files_laid_out_differently_fold_module_by_module(tmp_path, monkeypatch,
     save_reversed(ups[2], paths[2])
     assert UpdateFile(paths[2]).layout() != UpdateFile(paths[0]).layout()
     calls = []
-    monkeypatch.setattr(base.Aggregator, "_fold_runs", lambda *a: calls.append("runs"))
+    monkeypatch.setattr(fold, "fold_runs", lambda *a: calls.append("runs"))
     agg = s.aggregator(state)
     assert agg.accept_files([(f"c{k}", p, n) for k, (p, n) in enumerate(zip(paths, SAMPLES))]) == {}
     assert calls == []

@@ -59,7 +59,7 @@ class Nested(nn.Module):
         return self.head(torch.tanh(self.fc(torch.tanh(self.sub.fc(x)))))
 
 
-def nested_model(config, dtype):
+def nested_model(dtype):
     torch.manual_seed(0)
     return Nested().to(dtype)
 
@@ -71,7 +71,7 @@ def test_a_round_loads_with_plain_peft_when_module_names_are_suffixes_of_each_ot
     kw = {"client_ranks": {"c0": 2, "c1": 1, "c2": 2}} if name == "flora" else {}
     config = FederatedLoraConfig(strategy=name, r=2, lora_alpha=4, target_modules=["fc"], modules_to_save=["head"], **kw)
     s = get_strategy(config)
-    model = get_peft_model(nested_model(config, dtype), config.to_lora_config())
+    model = get_peft_model(nested_model(dtype), config.to_lora_config())
     state = s.initial_state(model)
     ups = []
     for k in range(3):
@@ -86,7 +86,7 @@ def test_a_round_loads_with_plain_peft_when_module_names_are_suffixes_of_each_ot
     model.eval()
     with torch.no_grad():
         expected = model(x)
-        loaded = PeftModel.from_pretrained(nested_model(config, dtype), tmp_path)  # plain PEFT, nothing of ours
+        loaded = PeftModel.from_pretrained(nested_model(dtype), tmp_path)  # plain PEFT, nothing of ours
         torch.testing.assert_close(loaded(x), expected, **tol(dtype))
     for m, rank in published_ranks.items():
         assert loaded.base_model.model.get_submodule(m).r["default"] == rank
