@@ -96,7 +96,7 @@ def check_plain_peft_loads(folder: Path, llama_dir: Path, store, round: int) -> 
 @pytest.mark.slow  # an aggregator and two clients as processes
 def test_causal_lm_federation_through_the_hub(llama_dir, tmp_path):
     """FedEx-LoRA (an exact strategy: its base change travels as extra ranks); alice trains on plain
-    text in a JSON-lines file, bob on chat messages in a `save_to_disk` folder with gradient accumulation."""
+    text in a JSON-lines file, bob on chat messages in a `save_to_disk` folder with gradient accumulation and checkpointing."""
     (tmp_path / "alice.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ROWS["text"]["text"]))
     Dataset.from_dict(ROWS["messages"]).save_to_disk(str(tmp_path / "bob-data"))
     tokens = {"tok-aggregator": "aggregator", "tok-alice": "alice", "tok-bob": "bob"}
@@ -112,7 +112,7 @@ def test_causal_lm_federation_through_the_hub(llama_dir, tmp_path):
         procs["aggregator"] = start(AGGREGATE + where + ["--clients", "alice,bob", "--model", str(llama_dir), "--strategy", "fedex"],
                                     env_for("aggregator", tmp_path, HF_ENDPOINT=url, HF_TOKEN="tok-aggregator"),
                                     tmp_path / "aggregator.log")
-        data = {"alice": [str(tmp_path / "alice.jsonl")], "bob": [str(tmp_path / "bob-data"), "--gradient-accumulation-steps", "2"]}
+        data = {"alice": [str(tmp_path / "alice.jsonl")], "bob": [str(tmp_path / "bob-data"), "--gradient-accumulation-steps", "2", "--gradient-checkpointing"]}
         for client, extra in data.items():
             procs[client] = start(CLIENT + where + ["--client-id", client, "--output-dir", str(tmp_path / f"out-{client}"),
                                                     "--data", *extra],

@@ -209,7 +209,7 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
         output_dir=output_dir or f"peft-federated-{client_id}", per_device_train_batch_size=batch_size,
         learning_rate=learning_rate, seed=seed, report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
         gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
-        bf16=bf16, fp16=fp16,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None, bf16=bf16, fp16=fp16,
     )
     loop = dict(federated_config=config, client_id=client_id, store=store, poll_interval=poll_interval, round_timeout=round_timeout)
     if causal:
