@@ -240,3 +240,23 @@ def test_run_client_on_a_4bit_base(tmp_path):
         plain = PeftModel.from_pretrained(load_base_model(str(path), "SEQ_CLS", quantization=four_bit()), str(store.round_folder(rnd)))
         with torch.no_grad():
             assert torch.isfinite(plain.eval()(input_ids=probe).logits).all()
+
+
+def test_bitsandbytes_that_cannot_run_is_refused(monkeypatch):
+    """A bitsandbytes build whose 4-bit kernels fail on this machine, or one too old for the CPU: refused, naming the fix."""
+    import bitsandbytes
+
+    from peft_federated.quantization import QuantizationUnavailableError
+
+    def broken(self, x):
+        raise RuntimeError("no kernel for this device")
+
+    with monkeypatch.context() as m:
+        m.setattr(bitsandbytes.nn.Linear4bit, "forward", broken)
+        with pytest.raises(QuantizationUnavailableError, match="cannot run a 4-bit layer on .*no kernel.*drop --load-in-4bit"):
+            quantization_config(load_in_4bit=True)
+    with monkeypatch.context() as m:
+        m.setattr(bitsandbytes, "__version__", "0.42.0")
+        with pytest.raises(QuantizationUnavailableError, match=r"bitsandbytes>=0\.45 \(found 0\.42\.0"):
+            quantization_config(load_in_8bit=True)
+    assert quantization_config(load_in_4bit=True, double_quant=True).bnb_4bit_use_double_quant
