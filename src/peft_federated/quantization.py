@@ -109,14 +109,15 @@ def check_bitsandbytes(bits: int, quant_type: str = "nf4", compute_dtype: torch.
 def load_quantized(model_cls: Any, path: str, quantization: "BitsAndBytesConfig", gradient_checkpointing: bool = True, **kwargs: Any):
     """`model_cls.from_pretrained(path)` quantized by `quantization` on this process's device, prepared for
     LoRA training by `peft.prepare_model_for_kbit_training` (norms and other float weights in float32,
-    input gradients for checkpointing; gradient checkpointing on unless `gradient_checkpointing=False`)."""
+    input gradients for checkpointing; non-reentrant gradient checkpointing on unless `gradient_checkpointing=False`)."""
     from peft import prepare_model_for_kbit_training
 
     device = quantization_device()
     model = model_cls.from_pretrained(path, quantization_config=quantization, device_map={"": device}, **kwargs)
     if device == "cpu":
         keep_cpu_layout(model)
-    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def keep_cpu_layout(model: torch.nn.Module) -> int:
