@@ -9,12 +9,17 @@ aggregator with a crash hook that kills it just before or just between its commi
 and restart the Hub server, corrupt an honest client's uploaded file, or upload a hostile update from
 the registered client "mallory" (truncated or corrupt safetensors, unknown / missing tensors, wrong
 shapes, a rank above the allowed one, wrong dtype, NaN/Inf, a norm outlier, an oversized file, a
-copy of another client's update, a stale round, another client's name, a malformed update.json).
+copy of another client's update, a stale round, another client's name, a malformed update.json, and
+hostile metadata: num_samples of 10**400 or 10**300, a metric of 10**400, NaN, a string or a markdown
+name, metrics as a string, an update.json nested 200,000 deep or above its size limit). A collaborator
+with write access to the global repo ("rival") may also commit a forged federation.json claiming
+another round to main, or tag a later round on main's commit.
 
 At the end every round is recomputed from what the Hub holds: the updates each round's
 federation.json lists as contributions, found in the clients' updates repos by their sha256, are
 aggregated again from the previous round and compared with the published round. It also checks that
-each round is exactly one commit with its tag and that mallory never contributed. The JSON report
+each round is exactly one commit with its tag (besides the forged commits, none of them tagged) and
+that mallory never contributed. The JSON report
 (printed and written to <workdir>/soak-report.json) has rounds completed, faults injected by kind,
 updates refused by reason, and mismatches (must be 0). Not run by CI: it takes a few minutes.
 """
@@ -61,8 +66,19 @@ HOSTILE = {  # kind -> (update bytes from honest-shaped tensors, changes to the 
     "another_clients_name": (save_bytes, {"client_id": "c1"}),
     "bad_num_samples": (save_bytes, {"num_samples": -5}),
     "malformed_update_json": (save_bytes, None),
+    # hostile metadata: update.json changes, or a function of the honest record giving its raw bytes
+    "num_samples_10e400": (save_bytes, {"num_samples": 10**400}),
+    "num_samples_10e300": (save_bytes, {"num_samples": 10**300}),
+    "metric_10e400": (save_bytes, {"metrics": {"train_loss": 10**400}}),
+    "metric_nan": (save_bytes, lambda r: json.dumps({**r, "metrics": {"train_loss": float("nan")}}).encode()),
+    "metric_string": (save_bytes, {"metrics": {"train_loss": "low"}}),
+    "metrics_string": (save_bytes, {"metrics": "train_loss=0.1"}),
+    "metric_markdown_name": (save_bytes, {"metrics": {"x |\n# Owned [link](http://evil)": 1.0}}),
+    "nested_update_json": (save_bytes, lambda r: b"[" * 200_000 + b"]" * 200_000),
+    "oversized_update_json": (save_bytes, lambda r: json.dumps({**r, "pad": "x" * 100_000}).encode()),
 }
 MAX_UPDATE_BYTES = 65536
+FORGED = "soak: forged round"
 
 
 class Soak:
@@ -101,9 +117,22 @@ class Soak:
             make, changes = HOSTILE[kind]
             weights = make(start)
         record = {"round": round, "client_id": "mallory", "base_round": round, "base_commit": reader._commit(round),
-                  "num_samples": 10, "sha256": hashlib.sha256(weights).hexdigest(), **(changes or {})}
-        self.upload("mallory", round, weights, b"{not json" if changes is None else json.dumps(record).encode())
+                  "num_samples": 10, "sha256": hashlib.sha256(weights).hexdigest()}
+        meta = b"{not json" if changes is None else changes(record) if callable(changes) else json.dumps({**record, **changes}).encode()
+        self.upload("mallory", round, weights, meta)
         self.faults[f"hostile_{kind}"] += 1
+
+    def forge(self, round: int) -> None:
+        """The rival (write access to the global repo) commits a forged round to main, or tags a later round."""
+        api, reader = self.api("rival"), self.fed.store("driver")
+        if self.rng.random() < 0.5 or round + 2 > self.rounds:
+            meta = json.loads((reader.round_folder(round) / "federation.json").read_text())
+            api.create_commit(REPO, [CommitOperationAdd("federation.json", json.dumps({**meta, "round": 7}).encode()),
+                                     CommitOperationAdd("evil.py", b"print('owned')")], commit_message=FORGED)
+            self.faults["forged_round_on_main"] += 1
+        else:
+            api.create_tag(REPO, tag=f"round-{round + 2:04d}", revision=api.repo_info(REPO).sha)
+            self.faults["forged_tag"] += 1
 
     def corrupt(self, round: int) -> None:
         """Overwrite an honest client's uploaded update.safetensors, keeping its update.json (and sha256)."""
@@ -124,6 +153,8 @@ class Soak:
         rng, fed = self.rng, self.fed
         if rng.random() < 0.7:
             self.hostile(round)
+        if rng.random() < 0.3:
+            self.forge(round)
         time.sleep(rng.uniform(0.2, 1.5))  # honest updates arrive meanwhile
         if rng.random() < 0.3:
             self.corrupt(round)
@@ -187,7 +218,8 @@ class Soak:
         problems = []
         if sorted(tags) != [f"round-{r:04d}" for r in range(self.rounds + 1)] or main != tags[f"round-{self.rounds:04d}"]:
             problems.append(f"round tags {sorted(tags)} / main {main}")
-        if titles != [f"Round {r}" for r in range(self.rounds, -1, -1)] + ["initial commit"]:
+        forged = [t for t in titles if t == FORGED]
+        if [t for t in titles if t != FORGED] != [f"Round {r}" for r in range(self.rounds, -1, -1)] + ["initial commit"]:
             problems.append(f"commits of the global repo: {titles}")
         files = self.updates_by_sha()
         refused, mismatches = Counter(), []
@@ -199,7 +231,8 @@ class Soak:
             if any(c["client_id"] == "mallory" for c in contributions):
                 mismatches.append(f"round {r}: mallory's hostile update was accepted")
             try:
-                updates = [(c["client_id"], load_file(files[(c["client_id"], r - 1, c["sha256"])]), c["num_samples"])
+                updates = [(c["client_id"], load_file(files[(c["client_id"], r - 1, c["sha256"])]),
+                            c.get("weight_samples", c["num_samples"]))
                            for c in contributions]
                 expected = strategy.aggregate(previous, updates)
                 for key, value in expected.tensors.items():
@@ -210,7 +243,7 @@ class Soak:
             previous = published
         return {"rounds_completed": (reader.latest_round() or 0), "rounds_planned": self.rounds, "seconds": round(seconds, 1),
                 "faults_injected": dict(sorted(self.faults.items())), "faults_total": sum(self.faults.values()),
-                "events": dict(self.events),
+                "events": dict(self.events), "forged_commits_on_main": len(forged),
                 "updates_refused": dict(sorted(refused.items())), "updates_refused_total": sum(refused.values()),
                 "updates_accepted_total": sum(len(h["contributions"]) for h in reader.history()[1:]),
                 "mismatches": len(mismatches) + len(problems), "mismatch_details": mismatches + problems}
@@ -233,7 +266,9 @@ class Soak:
 
 def _reason_kind(reason: str) -> str:
     """A short name for a refusal reason, for the report."""
-    for words, kind in [("not a readable safetensors", "unreadable_safetensors"), ("unexpected tensors", "unknown_tensors"),
+    for words, kind in [("max_update_json_bytes", "oversized_update_json"), ("nested too deeply", "nested_update_json"),
+                        ("max_num_samples", "num_samples_above_max"), ("metric", "bad_metrics"),
+                        ("not a readable safetensors", "unreadable_safetensors"), ("unexpected tensors", "unknown_tensors"),
                         ("missing tensors", "missing_tensors"), ("rank must be", "rank"), ("dtype", "dtype"),
                         ("NaN or Inf", "non_finite"), ("norm_outlier_factor", "norm_outlier"),
                         ("max_update_norm", "norm_bound"), ("max_update_bytes", "oversized"), ("sha256", "sha256_mismatch"),
