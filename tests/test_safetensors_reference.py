@@ -104,7 +104,6 @@ class Crafted:
     def build(self) -> bytes:
         rng, kind, t = self.rng, self.kind, self.tensors
         data = self.data
-        header = None
         if kind == "overlap":  # a second tensor on the very bytes of another
             name, code, shape, begin, end = rng.choice(t)
             t.append([name + "'", code, shape, begin, end])
