@@ -242,3 +242,32 @@ def test_the_aggregator_process_survives_every_crashing_input_and_publishes_each
     for h, (_, reason) in zip(history[1:], CRASHERS):
         assert [c["client_id"] for c in h["contributions"]] == ["alice", "bob"]
         assert [r["client_id"] for r in h["refused"]] == ["mallory"] and reason in h["refused"][0]["reason"], h["refused"]
+
+
+class _OddStore(LocalStore):
+    """A local store where reading one client's files raises `error` (as odd files on some file system could)."""
+
+    def __init__(self, root, client: str, error: BaseException) -> None:
+        super().__init__(root)
+        self.client, self.error = client, error
+
+    def update_file(self, round, client_id, max_bytes=None, max_meta_bytes=None):
+        if client_id == self.client:
+            raise self.error
+        return super().update_file(round, client_id, max_bytes, max_meta_bytes)
+
+
+def test_any_exception_from_a_clients_files_refuses_it_and_a_store_fault_stops_the_round(tmp_path):
+    from peft_federated.hub_integration.store import StoreUnavailableError
+
+    fed = Federation("local", tmp_path, None)
+    good = {"alice": honest(fed, "alice", 1)}
+    honest(fed, "mallory", 3)
+    fed.store = _OddStore(fed.store.root, "mallory", KeyError("dtype"))
+    assert_published(fed, good, {"mallory": "could not be read (KeyError: 'dtype'); the client must resubmit"})
+    fed2 = Federation("local", tmp_path / "second", None)
+    honest(fed2, "alice", 1)
+    fed2.store = _OddStore(fed2.store.root, "alice", StoreUnavailableError("the disk is gone"))
+    with pytest.raises(StoreUnavailableError, match="the disk is gone"):
+        aggregate_round(fed2.store, fed2.cfg, clients=CLIENTS)
+    assert fed2.store.latest_round() == 0  # nothing published from a round the store could not read
