@@ -194,6 +194,7 @@ def plot(path: Path, rounds: list[dict], before: dict, central: dict | None, tit
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return None
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
@@ -203,6 +204,7 @@ def plot(path: Path, rounds: list[dict], before: dict, central: dict | None, tit
         if central is not None:
             ax.axhline(central[key], color="tab:red", linestyle="--", label="centralized SFT, same steps")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_title(name)
         ax.grid(alpha=0.3)
     axes[0].legend()
