@@ -59,7 +59,8 @@ def run_simulation(
     stop_after_clients: Optional[int] = None,
     evaluate_fn: Optional[Callable[[Any], dict[str, float]]] = None,
 ) -> SimulationResult:
-    """Run (or resume) a federation of `client_datasets` on `model` (a PeftModel built from `config`).
+    """Run (or resume) a federation of `client_datasets` on `model` (a PeftModel built from `config`);
+    when it returns, `model` holds the final global round.
 
     Writes `results.json` and `metrics.png` to `output_dir` (default: the store's folder).
     `stop_after_clients` stops abruptly after that many client trainings (to test resuming).
@@ -121,6 +122,7 @@ def run_simulation(
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and not any(s in k for s in ("runtime", "per_second", "_time"))}
         bar.write(f"round {state.round}/{config.num_rounds}: {shown}")
     bar.close()
+    strategy.prepare_client(model, state, "global").close()  # the model given holds the final global round
     history = store.history()
     out = Path(output_dir) if output_dir is not None else getattr(store, "root", Path("."))
     result = SimulationResult(history=history, store=store)
