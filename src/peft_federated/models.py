@@ -3,7 +3,7 @@
 The package ships the model as a Q4_1 GGUF (transformers dequantizes it on load, about 36 s). Models
 loaded from GGUF cannot be saved, so `smollm2_path` copies the weights into a plain
 `LlamaForCausalLM` once and saves it with the tokenizer under the user cache folder; every later
-load is an ordinary `from_pretrained(folder)` (about 1 s).
+load is an ordinary `from_pretrained(folder)` (about 3 s here).
 """
 
 from __future__ import annotations
