@@ -49,6 +49,9 @@ def write_round(folder: str | Path, state: GlobalState, config: "FederatedLoraCo
         alpha_pattern={pattern_key(m): alpha_for_scale(config.scaling, r, config.use_rslora) for m, r in ranks.items()},
         inference_mode=True,
     )
+    for name, value in vars(lora_config).items():  # PEFT keeps module names in sets: write them in one order
+        if isinstance(value, (set, frozenset)):
+            setattr(lora_config, name, sorted(value))
     save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     lora_config.save_pretrained(str(folder))
     meta = {
