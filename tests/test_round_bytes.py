@@ -11,12 +11,14 @@ import hashlib, sys, tempfile
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from tiny import tiny_bert, tiny_config
-from peft_federated.hub_integration.layout import write_round
+from peft_federated.hub_integration.layout import read_metadata, write_round
+from peft_federated.hub_integration.model_card import write_model_card
 from peft_federated.strategies import get_strategy
 cfg = tiny_config("fedit")
 state = get_strategy(cfg).initial_state(tiny_bert(cfg))
 with tempfile.TemporaryDirectory() as tmp:
     write_round(tmp, state, cfg, {{"contributions": []}})
+    write_model_card(tmp, cfg, [read_metadata(tmp)], repo_id="org/fed")
     for p in sorted(Path(tmp).iterdir()):
         print(p.name, hashlib.sha256(p.read_bytes()).hexdigest())
 """
@@ -29,4 +31,5 @@ def test_round_files_do_not_depend_on_the_process_hash_seed():
     outputs = {p.communicate(timeout=300)[0] for p in procs}
     assert all(p.returncode == 0 for p in procs)
     assert len(outputs) == 1, outputs
-    assert "adapter_config.json" in outputs.pop()
+    written = outputs.pop()
+    assert "adapter_config.json" in written and "README.md" in written
