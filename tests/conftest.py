@@ -5,6 +5,8 @@ import zlib
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL's trainers report usage to the Hub; tests stay on loopback
+
 
 def _run_seed() -> int:
     return int(os.environ.get("PF_TEST_SEED", random.SystemRandom().randrange(2**31)))
