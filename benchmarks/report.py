@@ -318,8 +318,10 @@ def llm_instruction_tuning(data: dict) -> str:
         "Accuracy per round: " + ", ".join(f"{r['accuracy']:.3f}" for r in data["rounds"]) + ".",
         "",
         f"Time: {sec['total'] / 60:.1f} min in all (federation {sec['federation']:.0f} s including its "
-        f"{len(data['rounds'])} evaluations, centralized {sec['centralized']:.0f} s), torch threads: {st['threads'] or 'default'}; "
-        "the CPU was shared with other work, so these times are pessimistic.",
+        f"{len(data['rounds'])} evaluations, centralized {sec['centralized']:.0f} s), torch threads: {st['threads'] or 'default'}, "
+        f"1-minute load average at the end {data['machine']['load_average_1min']} on {data['machine']['cpu_count']} cores"
+        + (": other work shared the CPU, so these times are pessimistic." if data["machine"]["load_average_1min"] > data["machine"]["cpu_count"]
+           else "."),
     ]
     return "\n".join(out)
 
