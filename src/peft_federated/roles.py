@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
 from peft_federated.config import FederatedLoraConfig
-from peft_federated.data.sft import SFTDataError, prepare_sft_data, read_dataset
+from peft_federated.data.sft import SFTDataError, check_not_empty, prepare_sft_data, read_dataset
 from peft_federated.hub_integration.layout import read_metadata
 from peft_federated.hub_integration.store import LocalStore, RoundStore
 
@@ -56,16 +56,21 @@ def open_store(
     return HubStore(repo, clients, client_repos, token=token, endpoint=endpoint, retry_timeout=retry_timeout)
 
 
+def auto_model_class(task_type: Optional[str]):
+    """The transformers auto class that builds the base model of `task_type` (PEFT's names; None: `AutoModel`)."""
+    import transformers
+
+    if task_type is not None and task_type not in AUTO_MODELS:
+        raise ValueError(f"Unsupported task_type {task_type!r}; choose one of {', '.join(AUTO_MODELS)}.")
+    return getattr(transformers, AUTO_MODELS.get(task_type, "AutoModel"))
+
+
 def load_base_model(path: str, task_type: Optional[str], num_labels: Optional[int] = None,
                     quantization: Optional["BitsAndBytesConfig"] = None):
     """The base model for `task_type` (PEFT's names: SEQ_CLS, CAUSAL_LM, ...) from a folder or Hub id;
     with `quantization` (see `peft_federated.quantization.quantization_config`) loaded in 4-bit or
     8-bit on this process's device and prepared for LoRA training (`prepare_model_for_kbit_training`)."""
-    import transformers
-
-    if task_type is not None and task_type not in AUTO_MODELS:
-        raise ValueError(f"Unsupported task_type {task_type!r}; choose one of {', '.join(AUTO_MODELS)}.")
-    cls = getattr(transformers, AUTO_MODELS.get(task_type, "AutoModel"))
+    cls = auto_model_class(task_type)
     kwargs = {"num_labels": num_labels} if num_labels else {}
     if quantization is not None:
         from peft_federated.quantization import load_quantized
@@ -100,8 +105,7 @@ def load_client_data(path: "str | Path | Dataset", tokenizer=None, max_length: i
 
     data = path if isinstance(path, Dataset) else read_dataset(path)
     source = "the data" if isinstance(path, Dataset) else str(path)
-    if len(data) == 0:
-        raise SFTDataError(f"{source} has no rows: this client has nothing to train on. Give it a non-empty dataset.")
+    check_not_empty(data, source)
     if "input_ids" not in data.column_names:
         if text_column not in data.column_names:
             raise ValueError(f"{source} has neither input_ids nor a {text_column!r} column (columns: {data.column_names}).")
@@ -188,14 +192,15 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
     check_precision(bf16, fp16)
     template = Path(chat_template).read_text() if chat_template is not None else None
     table = read_dataset(data)
-    if len(table) == 0:
-        raise SFTDataError(f"{data} has no rows: this client has nothing to train on. Give it a non-empty dataset.")
+    check_not_empty(table, str(data))
     config = federation_config(store, timeout=round_timeout, poll_interval=poll_interval)
     model_path = model_path or config.base_model_name_or_path
     if not model_path:
         raise ValueError("The federation does not name its base model: pass the base model's path or id.")
     tokenizer = _tokenizer(model_path)
     causal = config.task_type == "CAUSAL_LM"
+    if packing and not causal:
+        raise ValueError(f"--packing is for language-model (CAUSAL_LM) federations; this one is {config.task_type}.")
     if causal:
         if tokenizer is None:
             raise SFTDataError(f"The base model {model_path} has no tokenizer, which TRL's SFTTrainer needs: save one beside the model.")
@@ -224,11 +229,8 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
 
         from peft_federated.trainer import FederatedTrainer
 
-        if packing:
-            raise ValueError(f"--packing is for language-model (CAUSAL_LM) federations; this one is {config.task_type}.")
         trainer = FederatedTrainer(
             model=model, args=TrainingArguments(**common), train_dataset=dataset,
             data_collator=DataCollatorWithPadding(tokenizer) if tokenizer is not None else None, **loop,
         )
-    output = trainer.train()
-    return dict(getattr(output, "metrics", output) or {})
+    return trainer.train().metrics

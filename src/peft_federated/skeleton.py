@@ -40,11 +40,9 @@ def skeleton_model(path: str, config: "FederatedLoraConfig", num_labels: Optiona
     from accelerate import init_empty_weights
     from peft import get_peft_model
 
-    from peft_federated.roles import AUTO_MODELS
+    from peft_federated.roles import auto_model_class
 
-    if config.task_type is not None and config.task_type not in AUTO_MODELS:
-        raise ValueError(f"Unsupported task_type {config.task_type!r}; choose one of {', '.join(AUTO_MODELS)}.")
-    cls = getattr(transformers, AUTO_MODELS.get(config.task_type, "AutoModel"))
+    cls = auto_model_class(config.task_type)
     model_config = transformers.AutoConfig.from_pretrained(path, **({"num_labels": num_labels} if num_labels else {}))
     dtype = getattr(model_config, "dtype", None)
     dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype) if isinstance(dtype, str) and dtype != "auto" else torch.float32

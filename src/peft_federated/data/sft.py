@@ -38,9 +38,11 @@ class SFTFormat:
     kind: str
     columns: dict[str, str] = field(default_factory=dict)
 
-    @property
-    def conversational(self) -> bool:
-        return self.kind == "messages"
+
+def check_not_empty(data: "Dataset", source: str = "the data") -> None:
+    """Refuse a client dataset without rows (`SFTDataError`)."""
+    if len(data) == 0:
+        raise SFTDataError(f"{source} has no rows: this client has nothing to train on. Give it a non-empty dataset.")
 
 
 def read_dataset(path: str | Path) -> "Dataset":
@@ -125,8 +127,7 @@ def prepare_sft_data(data: "Dataset", tokenizer=None, text_column: Optional[str]
     """
     from datasets import Dataset
 
-    if len(data) == 0:
-        raise SFTDataError(f"{source} has no rows: this client has nothing to train on. Give it a non-empty dataset.")
+    check_not_empty(data, source)
     fmt = detect_format(data.column_names, text_column, messages_column, prompt_column, completion_column, source)
     data = data.select_columns(list(fmt.columns.values()))
     data = data.rename_columns({col: name for name, col in fmt.columns.items() if col != name})
@@ -168,4 +169,4 @@ def prepare_sft_data(data: "Dataset", tokenizer=None, text_column: Optional[str]
     return data, fmt
 
 
-__all__ = ["FORMATS", "SFTDataError", "SFTFormat", "detect_format", "prepare_sft_data", "read_dataset"]
+__all__ = ["FORMATS", "SFTDataError", "SFTFormat", "check_not_empty", "detect_format", "prepare_sft_data", "read_dataset"]
