@@ -66,9 +66,9 @@ from peft_federated.hub_integration.layout import (
 from peft_federated.hub_integration.model_card import write_model_card
 from peft_federated.hub_integration.store import (
     RoundAlreadyPublishedError, RoundStore, StoreUnavailableError, check_client_id, check_update_file, check_update_size,
-    crash_point, read_update_json, round_name, update_record,
+    crash_point, round_name, update_record,
 )
-from peft_federated.hub_integration.update_meta import too_large
+from peft_federated.hub_integration.update_meta import parse_update_json, too_large
 from peft_federated.state import GlobalState
 
 try:  # exactly the transport errors huggingface_hub itself retries (its HTTP library's connection/timeout errors)
@@ -398,7 +398,7 @@ class HubStore(RoundStore):
         check_update_size(infos[weights].size, max_bytes, round, client_id)
         if max_meta_bytes is not None and infos[record].size > max_meta_bytes:
             raise too_large(infos[record].size, max_meta_bytes, round, client_id)
-        meta = read_update_json(self._download(repo, record, head).read_bytes(), round, client_id, max_meta_bytes)
+        meta = parse_update_json(self._download(repo, record, head).read_bytes(), round, client_id, max_meta_bytes)
         path = self._download(repo, weights, head)
         check_update_file(path, meta, round, client_id)
         if meta.get("base_round") == round and meta.get("base_commit") != self._commit(round):

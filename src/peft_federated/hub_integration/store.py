@@ -61,12 +61,6 @@ def check_client_id(client_id: str) -> str:
     return client_id
 
 
-def read_update_json(data: bytes, round: int, client_id: str, max_bytes: Optional[int] = None) -> dict[str, Any]:
-    """A client's update.json record, refused with a precise error unless it is a strict JSON object
-    within `max_bytes` (its schema is checked by the aggregator: `update_meta.check_update_meta`)."""
-    return parse_update_json(data, round, client_id, max_bytes)
-
-
 def serialize_update(tensors: dict[str, Tensor]) -> bytes:
     """An update as the safetensors bytes a client uploads (what its sha256 is taken over)."""
     return save_bytes({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"})
@@ -271,7 +265,7 @@ class LocalStore(RoundStore):
             raise too_large(size, max_meta_bytes, round, client_id)
         with open(folder / "update.json", "rb") as f:  # bounded even if the file grows after the check
             data = f.read(max_meta_bytes + 1 if max_meta_bytes is not None else -1)
-        meta = read_update_json(data, round, client_id, max_meta_bytes)
+        meta = parse_update_json(data, round, client_id, max_meta_bytes)
         check_update_file(folder / "update.safetensors", meta, round, client_id)
         # ctime: when the file last changed on this file system; unlike mtime, no client can set it back
         self._committed[(round, client_id)] = weights.st_ctime
