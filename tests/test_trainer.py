@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import json
-import threading
 
 import pytest
 import torch
-from tiny import accuracy, tiny_args, tiny_bert, tiny_config, token_dataset
+from tiny import accuracy, federate, tiny_args, tiny_bert, tiny_config, token_dataset
 
 from peft_federated.adapter import lora_layers
-from peft_federated.aggregator import initialize, serve
 from peft_federated.hub_integration import LocalStore
 from peft_federated.trainer import FederatedTrainer, run_simulation, sample_clients
 
@@ -91,30 +89,8 @@ def test_learning_rate_schedule_spans_the_federation(tmp_path):
 
 def test_clients_and_aggregator_coordinate_only_through_the_store(tmp_path):
     cfg = tiny_config("fedex", num_rounds=2, local_steps=2)
-    store = LocalStore(tmp_path / "fed")
-    initialize(store, cfg, tiny_bert(cfg))
     ids = ["alice", "bob"]
-    agg = threading.Thread(target=serve, args=(store, cfg, ids), kwargs={"poll_interval": 0.05, "deadline": 60}, daemon=True)
-    agg.start()
-    errors = []
-    # Trainers are built here: building one (re)sets accelerate's process-wide state, which must
-    # not race with another thread's training. Only train() runs concurrently.
-    trainers = [FederatedTrainer(model=tiny_bert(cfg), args=tiny_args(tmp_path / cid), train_dataset=token_dataset(30, k),
-                                 federated_config=cfg, client_id=cid, store=store, poll_interval=0.05, round_timeout=60)
-                for k, cid in enumerate(ids)]
-
-    def client(trainer):
-        try:
-            trainer.train()
-        except Exception as err:  # surfaced below
-            errors.append(err)
-
-    threads = [threading.Thread(target=client, args=(t,)) for t in trainers]
-    for t in threads:
-        t.start()
-    for t in threads + [agg]:
-        t.join(120)
-    assert not errors
+    store, _, _ = federate(tmp_path, cfg, ids)
     assert store.latest_round() == 2
     for r in (1, 2):
         meta = store.history()[r]

@@ -3,17 +3,14 @@ federation's final model in the trainer when it returns."""
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 from peft import PeftModel
-from tiny import LABELS, VOCAB, tiny_args, tiny_bert, tiny_config, token_dataset
+from tiny import LABELS, VOCAB, federate, tiny_args, tiny_bert, tiny_config, token_dataset
 from transformers import BertConfig, BertForSequenceClassification, TrainerCallback
 from transformers.trainer_utils import TrainOutput
 
 from peft_federated.adapter import effective_weight, lora_layers, read_tensors
-from peft_federated.aggregator import initialize, serve
 from peft_federated.hub_integration import LocalStore
 from peft_federated.trainer import FederatedTrainer, run_simulation
 
@@ -29,36 +26,15 @@ class Recorder(TrainerCallback):
         self.events.append(("end", state.global_step))
 
 
-def federate(tmp_path, strategy="fedex", rounds=3, steps=2, ids=("alice", "bob"), **args):
-    """Clients train() through a LocalStore while `serve` aggregates in a thread; the trainers."""
-    cfg = tiny_config(strategy, num_rounds=rounds, local_steps=steps)
-    store = LocalStore(tmp_path / "fed")
-    initialize(store, cfg, tiny_bert(cfg))
-    agg = threading.Thread(target=serve, args=(store, cfg, list(ids)), kwargs={"poll_interval": 0.05, "deadline": 60}, daemon=True)
-    agg.start()
-    trainers = [FederatedTrainer(model=tiny_bert(cfg, seed=9), args=tiny_args(tmp_path / cid, **args), train_dataset=token_dataset(30, k),
-                                 eval_dataset=token_dataset(20, 50), federated_config=cfg, client_id=cid, store=store,
-                                 poll_interval=0.05, round_timeout=60, callbacks=[Recorder()])
-                for k, cid in enumerate(ids)]
-    outputs, errors = {}, []
-
-    def client(trainer):
-        try:
-            outputs[trainer.client_id] = trainer.train()
-        except Exception as err:  # surfaced below
-            errors.append(err)
-
-    threads = [threading.Thread(target=client, args=(t,)) for t in trainers]
-    for t in threads:
-        t.start()
-    for t in threads + [agg]:
-        t.join(120)
-    assert not errors
+def run(tmp_path, **args):
+    """A fedex federation of alice and bob, 3 rounds of 2 steps, each trainer with a `Recorder`."""
+    cfg = tiny_config("fedex", num_rounds=3, local_steps=2)
+    store, trainers, outputs = federate(tmp_path, cfg, model_seed=9, callbacks=lambda: [Recorder()], **args)
     return cfg, store, trainers, outputs
 
 
 def test_train_is_one_run_and_returns_a_train_output(tmp_path):
-    cfg, store, trainers, outputs = federate(tmp_path, logging_strategy="steps", logging_steps=1)
+    cfg, store, trainers, outputs = run(tmp_path, logging_strategy="steps", logging_steps=1)
     trainer, out = trainers[0], outputs["alice"]
     assert isinstance(out, TrainOutput)
     assert out.global_step == trainer.state.global_step == cfg.num_rounds * cfg.local_steps
@@ -74,7 +50,7 @@ def test_train_is_one_run_and_returns_a_train_output(tmp_path):
 
 
 def test_after_train_the_model_is_the_federations_final_round(tmp_path):
-    cfg, store, trainers, _ = federate(tmp_path)
+    cfg, store, trainers, _ = run(tmp_path)
     final, _ = store.read_round(cfg.num_rounds)
     assert final.base_delta, "fedex's final round should carry a base change"
     for trainer in trainers:

@@ -1,6 +1,9 @@
-"""A tiny random BERT classifier and a synthetic labelled token dataset, for trainer tests."""
+"""A tiny random BERT classifier, a synthetic labelled token dataset, and a federation of trainers
+through a local store, for trainer tests."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import torch
@@ -51,3 +54,38 @@ def tiny_args(tmp_path, **kw) -> TrainingArguments:
 def accuracy(eval_pred) -> dict[str, float]:
     logits, labels = eval_pred
     return {"accuracy": float((np.argmax(logits, -1) == labels).mean())}
+
+
+def federate(tmp_path, cfg: FederatedLoraConfig, ids=("alice", "bob"), model_seed: int = 0, callbacks=None, **args):
+    """Clients `train()` through a LocalStore while `serve` aggregates in a thread: (store, trainers,
+    each client's TrainOutput). `callbacks()` makes each trainer's callbacks; `args` go to `tiny_args`."""
+    from peft_federated.aggregator import initialize, serve
+    from peft_federated.hub_integration import LocalStore
+    from peft_federated.trainer import FederatedTrainer
+
+    store = LocalStore(tmp_path / "fed")
+    initialize(store, cfg, tiny_bert(cfg))
+    agg = threading.Thread(target=serve, args=(store, cfg, list(ids)), kwargs={"poll_interval": 0.05, "deadline": 60}, daemon=True)
+    agg.start()
+    # Trainers are built here: building one (re)sets accelerate's process-wide state, which must
+    # not race with another thread's training. Only train() runs concurrently.
+    trainers = [FederatedTrainer(model=tiny_bert(cfg, seed=model_seed), args=tiny_args(tmp_path / cid, **args),
+                                 train_dataset=token_dataset(30, k), eval_dataset=token_dataset(20, 50), federated_config=cfg,
+                                 client_id=cid, store=store, poll_interval=0.05, round_timeout=60,
+                                 callbacks=callbacks() if callbacks else None)
+                for k, cid in enumerate(ids)]
+    outputs, errors = {}, []
+
+    def client(trainer):
+        try:
+            outputs[trainer.client_id] = trainer.train()
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in trainers]
+    for t in threads:
+        t.start()
+    for t in threads + [agg]:
+        t.join(120)
+    assert not errors
+    return store, trainers, outputs
