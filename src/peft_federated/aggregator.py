@@ -16,6 +16,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from peft_federated import privacy
 from peft_federated.config import FederatedLoraConfig
 from peft_federated.hub_integration.store import RoundAlreadyPublishedError, RoundStore, StoreUnavailableError
 from peft_federated.hub_integration.update_meta import check_update_meta
@@ -50,6 +51,7 @@ def aggregate_round(
     Returns the published round, or None when no valid update was there.
     """
     strategy = get_strategy(config)
+    check_dp_roles(config, clients)
     state, _ = store.read_round()
     refused: list[dict] = []
     submitted = []
@@ -101,11 +103,25 @@ def aggregate_round(
         return None
     new = aggregator.result()
     metrics = _mean_metrics([c["metrics"] for c in contributions])
+    metadata = {"contributions": contributions, "refused": refused, "metrics": metrics}
     try:
-        store.publish_round(new, config, {"contributions": contributions, "refused": refused, "metrics": metrics})
+        store.publish_round(new, config, privacy.published_metadata(config, new.round, metadata, participation_public=True))
     except RoundAlreadyPublishedError:
         logger.info("round %d was published by another aggregator", new.round)
     return new.round
+
+
+def check_dp_roles(config: FederatedLoraConfig, clients: Optional[list[str]]) -> None:
+    """Under DP the aggregator role needs its registered clients (N is in the accounting) and every one
+    of them in every round: the Hub roles have no client sampler, so the sampling rate is 1."""
+    if not config.dp:
+        return
+    if clients is None or len(set(clients)) != config.dp_num_clients:
+        raise ValueError(f"Under DP the aggregator needs its {config.dp_num_clients} registered clients (dp_num_clients), "
+                         f"got {'none' if clients is None else len(set(clients))}: list them with --clients.")
+    if config.num_sampled(config.dp_num_clients) != config.dp_num_clients:
+        raise ValueError("Under DP the aggregator role accounts every registered client in every round (its rounds do not "
+                         "sample clients): set clients_per_round=1.0.")
 
 
 def _copies(store: RoundStore, round: int, shas: dict[str, str]) -> dict[str, Exception]:
@@ -266,8 +282,11 @@ def serve(
     are in, or after `deadline` seconds with at least `min_clients`.
     """
     quorum = quorum or (len(clients) if clients else 1)
+    check_dp_roles(config, clients)
     while (store.latest_round() or 0) < config.num_rounds:
         round = store.latest_round() or 0
+        if config.dp:  # stop before clients train a round that could not be published
+            privacy.PrivacyPlan.of(config).check_budget(round + 1)
         started = time.monotonic()
         while True:
             submitted = [c for c in store.list_updates(round) if clients is None or c in clients]
@@ -292,7 +311,7 @@ def initialize(store: RoundStore, config: FederatedLoraConfig, model) -> int:
         return latest
     state = get_strategy(config).initial_state(model)
     try:
-        store.publish_round(state, config, {"contributions": [], "metrics": {}})
+        store.publish_round(state, config, privacy.published_metadata(config, 0, {"contributions": [], "metrics": {}}, True))
     except RoundAlreadyPublishedError:
         pass
     return 0

@@ -90,6 +90,14 @@ def _add_role_parsers(sub) -> None:
     agg.add_argument("--max-update-json-bytes", type=int, default=64 * 1024, help="Largest update.json read; larger ones are refused unread.")
     agg.add_argument("--max-num-samples", type=int, default=10_000_000, help="Refuse an update claiming more training examples (its weight).")
     agg.add_argument("--max-client-share", type=float, default=None, help="Cap each client's share of a round's weight, in (0, 1] (samples weighting).")
+    dp = agg.add_argument_group("differential privacy", "Client-level DP-FedAvg: every registered client in every round "
+                                "(N = the number of --clients), --weighting uniform. See the README's Differential privacy.")
+    dp.add_argument("--dp-noise-multiplier", type=float, default=None, help="sigma: noise std over the clip norm (default: chosen for --dp-target-epsilon).")
+    dp.add_argument("--dp-clip-norm", type=float, default=None, help="C: the L2 norm each client's change is clipped to.")
+    dp.add_argument("--dp-target-epsilon", type=float, default=None, help="The privacy budget; no round is published past it.")
+    dp.add_argument("--dp-delta", type=float, default=1e-5)
+    dp.add_argument("--dp-mode", default="central", choices=["central", "client"], help="Who adds the noise.")
+    dp.add_argument("--dp-accountant", default="rdp", choices=["rdp", "pld"])
 
     client = sub.add_parser(
         "client", parents=[where], help="A client: train each round on local data and submit the update.",
@@ -162,12 +170,21 @@ def _run_role(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             base_model_name_or_path=args.base_model_id or args.model, max_update_norm=args.max_update_norm,
             clip_updates=args.clip_updates, norm_outlier_factor=args.norm_outlier_factor, max_update_bytes=args.max_update_bytes,
             max_update_json_bytes=args.max_update_json_bytes, max_num_samples=args.max_num_samples,
-            max_client_share=args.max_client_share,
+            max_client_share=args.max_client_share, dp_noise_multiplier=args.dp_noise_multiplier, dp_clip_norm=args.dp_clip_norm,
+            dp_target_epsilon=args.dp_target_epsilon, dp_delta=args.dp_delta, dp_mode=args.dp_mode,
+            dp_accountant=args.dp_accountant,
+            dp_num_clients=len(set(clients)) if args.dp_noise_multiplier is not None or args.dp_target_epsilon is not None else None,
         )
-        history = roles.run_aggregator(
-            store, config, args.model, clients, num_labels=args.num_labels, quorum=args.quorum, deadline=args.deadline,
-            min_clients=args.min_clients, poll_interval=args.poll_interval,
-        )
+        from peft_federated.privacy import PrivacyBudgetSpentError
+
+        try:
+            history = roles.run_aggregator(
+                store, config, args.model, clients, num_labels=args.num_labels, quorum=args.quorum, deadline=args.deadline,
+                min_clients=args.min_clients, poll_interval=args.poll_interval,
+            )
+        except PrivacyBudgetSpentError as e:  # the federation ends here: every published round stays valid
+            print(f"peft-federated aggregate: {e}", file=sys.stderr)
+            history = store.history()
         summary = [{k: h.get(k) for k in ("round", "metrics")} | {"clients": [c["client_id"] for c in h.get("contributions", [])]}
                    for h in history]
         print(json.dumps({"store": repr(store), "rounds": summary}, indent=2))

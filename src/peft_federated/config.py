@@ -15,6 +15,8 @@ from typing import Optional, Union
 from peft import LoraConfig
 
 WEIGHTINGS = ("samples", "uniform")
+DP_MODES = ("central", "client")
+DP_ACCOUNTANTS = ("rdp", "pld")
 
 
 @dataclass
@@ -127,6 +129,47 @@ class FederatedLoraConfig(LoraConfig):
             "most of the data then dominates, as FedAvg intends); set it (e.g. 0.5) when clients are not trusted."
         },
     )
+    dp_noise_multiplier: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Client-level DP (DP-FedAvg): sigma, the std of the Gaussian noise on the sum of a round's clipped "
+            "changes over dp_clip_norm. None: no DP unless dp_target_epsilon is set (then sigma is chosen for it)."
+        },
+    )
+    dp_clip_norm: Optional[float] = field(
+        default=None,
+        metadata={"help": "DP: C, the L2 norm each client's change (all its uploaded tensors together) is clipped to."},
+    )
+    dp_delta: float = field(default=1e-5, metadata={"help": "DP: the delta epsilon is reported at, in (0, 1); below 1 / dp_num_clients."})
+    dp_target_epsilon: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "DP: the privacy budget. Without dp_noise_multiplier, sigma is chosen so that num_rounds rounds spend at "
+            "most this epsilon; either way no round is published that would take epsilon above it."
+        },
+    )
+    dp_num_clients: Optional[int] = field(
+        default=None,
+        metadata={"help": "DP: N, the federation's number of clients; the sampling rate is clients_per_round / N."},
+    )
+    dp_mode: str = field(
+        default="central",
+        metadata={
+            "help": "DP: 'central' (the aggregator clips and adds the noise; it sees clean updates) or 'client' (each "
+            "client clips and adds its share sigma C / sqrt(m) before upload; the aggregator tops up the noise when fewer "
+            "than m clients arrive)."
+        },
+    )
+    dp_accountant: str = field(
+        default="rdp", metadata={"help": "DP: dp-accounting's 'rdp' (Renyi DP) or 'pld' (privacy loss distributions) accountant."}
+    )
+    dp_seed: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "DP, tests only: seed of the noise and of the DP client sampling. None (always in a real federation): "
+            "fresh randomness from the OS each round, which no one can reproduce from the published rounds."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -192,6 +235,61 @@ class FederatedLoraConfig(LoraConfig):
         share = self.max_client_share
         if share is not None and (isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1):
             raise ValueError(f"max_client_share must be a number in (0, 1] or None, got {share!r}.")
+        if self.dp:
+            self._check_dp(STRATEGIES[self.strategy])
+
+    @property
+    def dp(self) -> bool:
+        """Whether the federation is differentially private (client-level DP-FedAvg)."""
+        return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
+
+    def _check_dp(self, strategy) -> None:
+        def number(name: str, ok, what: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+                raise ValueError(f"{name} must be {what}, got {value!r}.")
+
+        if strategy.dp_refusal:
+            raise ValueError(f"strategy={self.strategy!r} cannot run under client-level DP: {strategy.dp_refusal} "
+                             "Use fedit, ffa or rolora with DP.")
+        if self.dp_clip_norm is None:
+            raise ValueError("DP without clipping has no sensitivity to calibrate the noise to: set dp_clip_norm (C), "
+                             "the L2 norm each client's change is clipped to.")
+        number("dp_clip_norm", lambda v: v > 0, "a positive number")
+        if self.dp_noise_multiplier is not None:
+            number("dp_noise_multiplier", lambda v: v >= 0, "a number >= 0")
+        if self.dp_target_epsilon is not None:
+            number("dp_target_epsilon", lambda v: v > 0, "a positive number")
+        number("dp_delta", lambda v: 0 < v < 1, "in (0, 1)")
+        if self.dp_mode not in DP_MODES:
+            raise ValueError(f"dp_mode must be one of {DP_MODES}, got {self.dp_mode!r}.")
+        if self.dp_accountant not in DP_ACCOUNTANTS:
+            raise ValueError(f"dp_accountant must be one of {DP_ACCOUNTANTS}, got {self.dp_accountant!r}.")
+        if self.dp_num_clients is None:
+            raise ValueError("DP needs dp_num_clients (N, the federation's number of clients): the sampling rate "
+                             "clients_per_round / N enters the privacy accounting.")
+        _positive_int("dp_num_clients", self.dp_num_clients)
+        if isinstance(self.clients_per_round, int) and self.clients_per_round > self.dp_num_clients:
+            raise ValueError(f"clients_per_round={self.clients_per_round} is above dp_num_clients={self.dp_num_clients}: "
+                             "the sampling rate must be at most 1.")
+        if self.dp_delta >= 1 / self.dp_num_clients:
+            raise ValueError(f"dp_delta={self.dp_delta:g} is not below 1 / dp_num_clients = {1 / self.dp_num_clients:g}: "
+                             "such a delta allows releasing one client's update outright. Lower it.")
+        if self.weighting != "uniform":
+            raise ValueError("DP-FedAvg calibrates the noise to clients that each weigh 1 / m; sample-count weights let one "
+                             "client weigh more and be under-noised. Set weighting='uniform'.")
+        if self.norm_outlier_factor is not None:
+            raise ValueError("norm_outlier_factor refuses a client by the other clients' norms, which the DP analysis does "
+                             "not cover; under DP leave it None (clipping to dp_clip_norm bounds every client).")
+        if self.dp_mode == "central":
+            if self.max_update_norm not in (None, self.dp_clip_norm) or (self.max_update_norm is not None and not self.clip_updates):
+                raise ValueError(f"Under central DP the aggregator clips every change to dp_clip_norm={self.dp_clip_norm:g}; "
+                                 "leave max_update_norm and clip_updates unset.")
+            self.max_update_norm, self.clip_updates = self.dp_clip_norm, True
+        elif self.clip_updates:
+            raise ValueError("Under client-side DP each client clips before it adds its noise; the aggregator must not "
+                             "clip the noised updates again: set clip_updates=False (max_update_norm may still refuse "
+                             "updates far above any honest noised norm).")
 
     @property
     def scaling(self) -> float:

@@ -30,6 +30,18 @@ def _samples(contributions: Any) -> int:
     return sum(n for n in counts if isinstance(n, int) and not isinstance(n, bool) and 0 < n < 10**18)
 
 
+def _privacy_line(dp: Any) -> list[str]:
+    """The card's line on differential privacy, from the latest round's `dp` entry (`privacy.PrivacyPlan.record`)."""
+    keys = ("epsilon", "delta", "rounds_accounted", "noise_multiplier", "clip_norm", "sampling_rate")
+    if not isinstance(dp, dict) or not all(_number(dp.get(k)) or dp.get(k) == math.inf for k in keys):
+        return []
+    mode = "client-side" if dp.get("mode") == "client" else "central"
+    return [f"- differential privacy: client-level DP-FedAvg ({mode} noise), **epsilon {dp['epsilon']:.4g} at delta "
+            f"{dp['delta']:.3g}** after {int(dp['rounds_accounted'])} rounds; noise multiplier {dp['noise_multiplier']:.4g}, "
+            f"clip norm {dp['clip_norm']:.4g}, Poisson sampling rate {dp['sampling_rate']:.4g}, dp-accounting "
+            f"{'PLD' if 'pld' in str(dp.get('accountant')) else 'RDP'} accountant"]
+
+
 def render_model_card(config: "FederatedLoraConfig", history: list[dict[str, Any]], repo_id: str = "<repo>") -> str:
     """Markdown for the global adapter, from every round's federation metadata (oldest first)."""
     from peft_federated.strategies import STRATEGIES
@@ -52,6 +64,7 @@ def render_model_card(config: "FederatedLoraConfig", history: list[dict[str, Any
         "",
         f"- LoRA rank {config.r}, alpha {config.lora_alpha}, target modules: {sorted(config.target_modules or [])}",
         f"- rounds planned: {config.num_rounds}; published so far: {latest}",
+        *_privacy_line(history[-1].get("dp") if history else None),
         "",
         "## Load any round with plain PEFT",
         "",

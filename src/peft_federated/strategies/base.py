@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, ClassVar, Optional, Sequence
 import torch
 from torch import Tensor
 
-from peft_federated import adapter, fold
+from peft_federated import adapter, fold, privacy
 from peft_federated.fold import FileUpdate, WeightedMean
 from peft_federated.state import GlobalState, LowRank, lora_key, lora_modules
 from peft_federated.strategies.validation import (
@@ -103,6 +103,7 @@ class Aggregator:
 
     def _reset(self) -> None:
         self.modules = {m: self.strategy.module_aggregator_cls(self.strategy, self.state, m) for m in self.state.modules()}
+        self._noised = False
         self.extras = {k: WeightedMean() for k in self.state.extra_keys()}
 
     def check(self, update: dict[str, Tensor], client_id: str) -> int:
@@ -284,8 +285,15 @@ class Aggregator:
         return fold.plan_runs(updates, means)
 
     def result(self) -> GlobalState:
-        """The next global state: round + 1, aggregated factors, the base change folded into base_delta."""
-        if not self.clients:
+        """The next global state: round + 1, aggregated factors, the base change folded into base_delta.
+
+        Under DP (`config.dp`) the means are noised first (`privacy.noise_round`, once), and a round
+        with no update is the noise alone."""
+        if self.strategy.config.dp:
+            if not self._noised:
+                privacy.noise_round(self)
+                self._noised = True
+        elif not self.clients:
             raise ValueError(f"Round {self.state.round}: no client update was accepted; nothing to aggregate.")
         tensors, base_delta = dict(self.state.tensors), dict(self.state.base_delta)
         for module, agg in self.modules.items():
@@ -353,6 +361,11 @@ class Strategy:
     name: ClassVar[str] = ""
     paper: ClassVar[str] = ""
     exact: ClassVar[bool] = False
+    # Why the strategy cannot run under client-level DP (None: it can). DP-FedAvg noises the means of the
+    # uploaded factors (`peft_federated.privacy`); a strategy whose result is more than a post-processing
+    # of those means (data-dependent weights, products of clients' factors) has no sensitivity to
+    # calibrate to.
+    dp_refusal: ClassVar[Optional[str]] = None
     module_aggregator_cls: ClassVar[type[ModuleAggregator]] = FedAvgModule
 
     def __init__(self, config: "FederatedLoraConfig") -> None:

@@ -37,5 +37,6 @@ class FedExModule(FedAvgModule):
 class FedExLoRA(Strategy):
     name = "fedex"
     paper = "Exact Aggregation for Federated and Efficient Fine-Tuning of Foundation Models (Singhal et al., ACL 2025)"
+    dp_refusal = "Its residual mean(B_k A_k) - mean(B) mean(A) is a product of each client's factors, whose change clipping does not bound."
     exact = True
     module_aggregator_cls = FedExModule

@@ -36,6 +36,7 @@ class FLoRAModule(ModuleAggregator):
 class FLoRA(Strategy):
     name = "flora"
     paper = "FLoRA: Federated Fine-Tuning Large Language Models with Heterogeneous Low-Rank Adaptations (Wang et al., NeurIPS 2024)"
+    dp_refusal = "It stacks every client's factors into the adapter as they are, with no mean for the noise to hide a client in."
     exact = True
     module_aggregator_cls = FLoRAModule
 

@@ -52,6 +52,7 @@ class HetLoRAModule(ModuleAggregator):
 class HetLoRA(Strategy):
     name = "hetlora"
     paper = "Heterogeneous LoRA for Federated Fine-tuning of On-Device Foundation Models (Cho et al., EMNLP 2024)"
+    dp_refusal = "It weighs each client by ||B_k A_k||, a function of its data, so one client can take any share of the mean."
     module_aggregator_cls = HetLoRAModule
 
     def client_rank(self, state: GlobalState, client_id: str) -> int:

@@ -74,4 +74,5 @@ class LoraFairModule(FedAvgModule):
 class LoraFAIR(Strategy):
     name = "lora_fair"
     paper = "LoRA-FAIR: Federated LoRA Fine-Tuning with Aggregation and Initialization Refinement (Bian et al., ICCV 2025)"
+    dp_refusal = "Its correction targets mean(B_k A_k), a product of each client's factors, whose change clipping does not bound."
     module_aggregator_cls = LoraFairModule

@@ -1,11 +1,11 @@
 """FederatedTrainer (a transformers.Trainer), a mixin for TRL trainers, TRL's SFT and DPO trainers
 with federated rounds (imported with TRL on first use), and in-process simulation."""
 
-from peft_federated.trainer.simulation import SimulationResult, run_simulation, sample_clients
+from peft_federated.trainer.simulation import SimulationResult, round_clients, run_simulation, sample_clients
 from peft_federated.trainer.trainer import FederatedMixin, FederatedTrainer
 
 _TRL = ("FederatedDPOTrainer", "FederatedSFTTrainer")
-__all__ = ["FederatedMixin", "FederatedTrainer", "SimulationResult", "run_simulation", "sample_clients", *_TRL]
+__all__ = ["FederatedMixin", "FederatedTrainer", "SimulationResult", "round_clients", "run_simulation", "sample_clients", *_TRL]
 
 
 def __getattr__(name: str):

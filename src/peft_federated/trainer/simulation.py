@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 from tqdm.auto import tqdm
 from transformers import PrinterCallback, TrainingArguments
 
+from peft_federated import privacy
 from peft_federated.config import FederatedLoraConfig
 from peft_federated.hub_integration.store import LocalStore, RoundStore, update_sha256
 from peft_federated.state import GlobalState
@@ -27,6 +28,14 @@ def sample_clients(client_ids: list[str], count: int, seed: int, round: int) -> 
     """The clients of a round: a seeded sample that depends only on (seed, round)."""
     rng = random.Random(f"{seed}/{round}")
     return sorted(rng.sample(sorted(client_ids), count))
+
+
+def round_clients(config: FederatedLoraConfig, client_ids: list[str], seed: int, round: int) -> list[str]:
+    """The clients of a round: `config.num_sampled` of them (`sample_clients`), or under DP each with
+    probability q, from fresh randomness (`privacy.poisson_sample`: what the accountant assumes)."""
+    if config.dp:
+        return privacy.poisson_sample(config, client_ids, round)
+    return sample_clients(client_ids, config.num_sampled(len(client_ids)), seed, round)
 
 
 @dataclass
@@ -70,6 +79,9 @@ def run_simulation(
     """
     store = LocalStore(store) if isinstance(store, (str, Path)) else store
     ids = sorted(client_datasets)
+    if config.dp and config.dp_num_clients != len(ids):
+        raise ValueError(f"dp_num_clients={config.dp_num_clients} but {len(ids)} client datasets were given: the privacy "
+                         "accounting needs the federation's true number of clients.")
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -92,18 +104,27 @@ def run_simulation(
         metrics = evaluate_fn(model) if evaluate_fn is not None else trainer.evaluate()
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
+    def publish(state: GlobalState, metadata: dict) -> None:
+        store.publish_round(state, config, privacy.published_metadata(config, state.round, metadata, participation_public=False))
+
     if store.latest_round() is None:
         state = strategy.initial_state(model)
-        store.publish_round(state, config, {"metrics": evaluate(state), "contributions": []})
+        publish(state, {"metrics": evaluate(state), "contributions": []})
     state, _ = store.read_round()
     per_round = config.num_sampled(len(ids))
     todo = config.num_rounds - state.round
     bar = tqdm(total=todo * per_round, desc=f"{config.strategy} rounds", disable=not progress or todo <= 0)
     trained = 0
     for rnd in range(state.round, config.num_rounds):
+        if config.dp:
+            try:
+                privacy.PrivacyPlan.of(config).check_budget(rnd + 1)
+            except privacy.PrivacyBudgetSpentError as err:
+                bar.write(str(err))
+                break
         aggregator = strategy.aggregator(state)
         contributions = []
-        for client_id in sample_clients(ids, per_round, seed, rnd):
+        for client_id in round_clients(config, ids, seed, rnd):
             if stop_after_clients is not None and trained >= stop_after_clients:
                 bar.close()
                 raise KeyboardInterrupt(f"stopped after {trained} client trainings (stop_after_clients)")
@@ -118,7 +139,7 @@ def run_simulation(
             bar.set_postfix(round=rnd, client=client_id, loss=f"{metrics.get('train_loss', float('nan')):.3f}")
         state = aggregator.result()
         metrics = evaluate(state)
-        store.publish_round(state, config, {"metrics": metrics, "contributions": contributions})
+        publish(state, {"metrics": metrics, "contributions": contributions})
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and not any(s in k for s in ("runtime", "per_second", "_time"))}
         bar.write(f"round {state.round}/{config.num_rounds}: {shown}")
     bar.close()

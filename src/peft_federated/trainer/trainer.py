@@ -32,6 +32,7 @@ import torch
 from transformers import ProgressCallback, Trainer, TrainerState, set_seed
 from transformers.trainer_utils import TrainOutput, speed_metrics
 
+from peft_federated import privacy
 from peft_federated.hub_integration.layout import write_round
 from peft_federated.hub_integration.store import RoundStore, check_client_id
 from peft_federated.state import GlobalState
@@ -113,6 +114,9 @@ class FederatedMixin:
         with _gc_frozen(), self._one_run_callbacks():
             output = super().train()
         payload = self.client_round.payload()
+        if cfg.dp and cfg.dp_mode == "client":  # clipped and noised before it leaves the client
+            start = self.strategy.client_start(state, self.client_id, self.client_round.rank)
+            payload = privacy.privatize_update(payload, start, cfg, state.round, self.client_id)
         self.client_round = None
         metrics = {k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))}
         metrics["train_loss"] = float(output.training_loss)
