@@ -25,7 +25,7 @@ class FederatedLoraConfig(LoraConfig):
 
     strategy: str = field(
         default="rolora",
-        metadata={"help": "Aggregation strategy by name: fedit, ffa, rolora, hetlora, lora_fair, flora or fedex."},
+        metadata={"help": "Aggregation strategy by name: fedit, ffa, rolora, hetlora, lora_fair, flora, fedex, flexlora or fedsvd."},
     )
     num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
     clients_per_round: Union[int, float] = field(
@@ -63,7 +63,7 @@ class FederatedLoraConfig(LoraConfig):
     client_ranks: Optional[dict[str, int]] = field(
         default=None,
         metadata={
-            "help": "HetLoRA and FLoRA: LoRA rank of each client id, each <= r (clients not listed train at rank r)."
+            "help": "HetLoRA, FLoRA and FlexLoRA: LoRA rank of each client id, each <= r (clients not listed train at rank r)."
         },
     )
     hetlora_gamma: float = field(

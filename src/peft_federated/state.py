@@ -68,9 +68,16 @@ class LowRank:
         rounded to (a mean rounded to float32, then widened): that rounding adds directions of its own,
         with singular values below eps(computed_in) * ||U|| ||V||, which float64's level would keep.
         """
-        dtype = self.U.dtype
         if self.rank == 0:
             return self
+        left, s, right = self.svd(computed_in)
+        root = s.sqrt()
+        return LowRank((left * root).to(self.U.dtype), (root[:, None] * right).to(self.U.dtype))
+
+    def svd(self, computed_in: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """The thin SVD left @ diag(s) @ right of the matrix, in float64, singular values descending:
+        left (d_out x k) and right (k x d_in) have orthonormal columns and rows. Only the k singular
+        values above rounding level are kept (`compressed` says which; k = 0 for a zero matrix)."""
         q1, r1 = torch.linalg.qr(self.U.double())
         q2, r2 = torch.linalg.qr(self.V.double().T)
         p, s, zt = torch.linalg.svd(r1 @ r2.T, full_matrices=False)
@@ -81,10 +88,7 @@ class LowRank:
         if computed_in is not None:
             tol = max(tol, torch.finfo(computed_in).eps * size)
         keep = int((s > tol).sum())
-        root = s[:keep].sqrt()
-        U = (q1 @ p[:, :keep]) * root
-        V = root[:, None] * (zt[:keep] @ q2.T)
-        return LowRank(U.to(dtype), V.to(dtype))
+        return q1 @ p[:, :keep], s[:keep], zt[:keep] @ q2.T
 
 
 @dataclass

@@ -13,7 +13,9 @@ from peft_federated.strategies.base import (
 )
 from peft_federated.strategies.fedex import FedExLoRA
 from peft_federated.strategies.fedit import FedIT
+from peft_federated.strategies.fedsvd import FedSVD
 from peft_federated.strategies.ffa import FFALoRA
+from peft_federated.strategies.flexlora import FlexLoRA
 from peft_federated.strategies.flora import FLoRA
 from peft_federated.strategies.hetlora import HetLoRA
 from peft_federated.strategies.lora_fair import LoraFAIR
@@ -21,7 +23,7 @@ from peft_federated.strategies.rolora import RoLoRA
 from peft_federated.strategies.validation import InvalidUpdateError, check_update
 
 __all__ = [
-    "STRATEGIES", "Aggregator", "ClientRound", "FedAvgModule", "FedExLoRA", "FedIT", "FFALoRA", "FLoRA",
-    "HetLoRA", "InvalidUpdateError", "LoraFAIR", "ModuleAggregator", "RoLoRA", "Strategy", "WeightedMean",
+    "STRATEGIES", "Aggregator", "ClientRound", "FedAvgModule", "FedExLoRA", "FedIT", "FedSVD", "FFALoRA", "FlexLoRA",
+    "FLoRA", "HetLoRA", "InvalidUpdateError", "LoraFAIR", "ModuleAggregator", "RoLoRA", "Strategy", "WeightedMean",
     "check_update", "get_strategy", "register",
 ]
