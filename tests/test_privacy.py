@@ -244,3 +244,26 @@ def test_aggregator_role_under_dp(tmp_path):
     with pytest.raises(ValueError, match="set clients_per_round=1.0"):
         check_dp_roles(make_config("fedit", **{**DP, "dp_noise_multiplier": 1.0, "dp_num_clients": 3, "clients_per_round": 2}),
                        ["a", "b", "c"])
+
+
+def test_client_side_mode_through_trainers_and_the_aggregator_role(tmp_path):
+    """Real FederatedTrainer clients in client-side mode: every stored upload is already noised (its
+    change is far above C), and the published rounds carry the epsilon."""
+    from tiny import federate, tiny_config
+
+    from peft_federated.strategies import get_strategy
+
+    C = 0.05
+    cfg = tiny_config("ffa", weighting="uniform", dp_mode="client", dp_clip_norm=C, dp_noise_multiplier=4.0, dp_num_clients=2,
+                      dp_delta=1e-3, num_rounds=2, local_steps=2)
+    store, trainers, outputs = federate(tmp_path, cfg)
+    assert store.latest_round() == 2 and set(outputs) == {"alice", "bob"}
+    strategy = get_strategy(cfg)
+    for rnd in range(2):
+        state, meta = store.read_round(rnd)
+        for client in ("alice", "bob"):
+            update, _ = store.read_update(rnd, client)
+            assert change_norm(update, strategy.client_start(state, client, cfg.r)) > 5 * C
+    _, last = store.read_round(2)
+    assert last["dp"]["mode"] == "client" and last["dp"]["epsilon"] == pytest.approx(privacy.epsilon(1.0, 4.0, 2, 1e-3))
+    assert last["contributions"] == [{"client_id": "alice"}, {"client_id": "bob"}]

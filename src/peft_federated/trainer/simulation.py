@@ -132,7 +132,8 @@ def run_simulation(
             payload, num_samples, metrics = trainer.train_round(state)
             aggregator.accept(payload, num_samples, client_id)
             contributions.append(
-                {"client_id": client_id, "num_samples": num_samples, "sha256": update_sha256(payload), "metrics": metrics}
+                {"client_id": client_id, "num_samples": num_samples, "sha256": update_sha256(payload), "metrics": metrics,
+                 "norm": aggregator.clients[client_id]["norm"]}
             )
             trained += 1
             bar.update(1)
