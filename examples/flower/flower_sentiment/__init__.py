@@ -1,0 +1,1 @@
+"""flower-sentiment: peft-federated on Flower, MiniLM on Twitter sentiment."""
