@@ -58,7 +58,7 @@ ATTACKS = {
     "huge norm": "above max_update_norm=10",
     "dtype": "has dtype torch.float64",
     "samples": "above max_num_samples",
-    "pickle": "is not a numpy array's bytes",
+    "pickle": "has dtype object, not a number type",
     "records": "must hold one ArrayRecord named 'arrays'",
     "stale round": "it was trained from round",
     "crash": "its ClientApp failed",
@@ -256,6 +256,13 @@ def _array(data: bytes, dtype="float32", shape=(2,), stype="numpy.ndarray") -> A
     return ArrayRecord({"x": Array(dtype=dtype, shape=shape, stype=stype, data=data)})
 
 
+def _header(shape: tuple, descr: str = "<f4") -> bytes:
+    """A .npy header alone, claiming `shape`."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": False, "shape": shape})
+    return buffer.getvalue()
+
+
 def _npy(value: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, value, allow_pickle=value.dtype == object)
@@ -263,9 +270,12 @@ def _npy(value: np.ndarray) -> bytes:
 
 
 @pytest.mark.parametrize("record, words", [
-    (_array(_npy(np.array([{"code": 1}], dtype=object)), "object"), "is not a numpy array's bytes"),
+    (_array(_npy(np.array([{"code": 1}], dtype=object)), "object"), "has dtype object, not a number type"),
     (_array(pickle.dumps(np.zeros(2))), "is not a numpy array's bytes"),
-    (_array(_npy(np.zeros(4, dtype=np.float32))[:-3]), "is not a numpy array's bytes"),
+    (_array(_npy(np.zeros(4, dtype=np.float32))[:-3]), "holds 13 bytes of values, not the 16 of its header's shape (4,)"),
+    (_array(_header((10**13,)) + b"\0" * 16), "holds 16 bytes of values, not the 40000000000000 of its header's shape"),
+    (_array(_npy(np.zeros(1, dtype=[("a", "<f4"), ("b", "<i4")]))), "not a number type a tensor holds"),
+    (_array(b"\x93NUMPY\x01\x00garbage"), "is not a numpy array's bytes"),
     (_array(_npy(np.array(["a", "b"]))), "not a number type a tensor holds"),
     (_array(_npy(np.zeros(2, dtype=np.complex64))), "not a number type a tensor holds"),
     (_array(b"\0" * 5, "bfloat16", (3,), "torch.raw"), "holds 5 bytes, not the 6"),
@@ -279,9 +289,10 @@ def test_undecodable_arrays_are_refused_with_the_reason(record, words):
     assert words in str(err.value)
 
 
-def test_big_endian_arrays_are_read_as_their_values():
-    value = np.arange(6, dtype=">f4").reshape(2, 3)
-    back = from_arrays(_array(_npy(value)))["x"]
+@pytest.mark.parametrize("layout", ["big-endian", "fortran-order"])
+def test_any_npy_layout_is_read_as_its_values(layout):
+    value = np.arange(6, dtype=">f4" if layout == "big-endian" else "<f4").reshape(2, 3)
+    back = from_arrays(_array(_npy(np.asfortranarray(value) if layout == "fortran-order" else value)))["x"]
     assert back.dtype == torch.float32 and torch.equal(back, torch.arange(6.0).reshape(2, 3))
 
 

@@ -10,7 +10,7 @@ Client to server (a train reply):
     "metrics"     MetricRecord: "num-examples" (int, Flower's key) and the Trainer's metrics
     "federation"  ConfigRecord: "round", the round the update was trained from
 
-Tensors travel as Flower's numpy arrays (never pickled); a dtype numpy lacks (bfloat16) as its raw
+Tensors travel as Flower's numpy arrays (.npy bytes, never unpickled); a dtype numpy lacks (bfloat16) as its raw
 bytes (`RAW`). Reading a reply (`read_reply`) refuses, with a ValueError saying what to fix, anything
 that is not exactly this: other records, a non-integer sample count, an undecodable array.
 """
@@ -24,6 +24,7 @@ import math
 from typing import Any
 
 import numpy as np
+from numpy.lib import format as npy
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from torch import Tensor
@@ -77,14 +78,25 @@ def _tensor(array: Array) -> Tensor:
         return torch.frombuffer(bytearray(array.data), dtype=dtype).reshape(shape) if expected else torch.zeros(shape, dtype=dtype)
     if array.stype != NUMPY:
         raise ValueError(f"has serialization {str(array.stype)[:40]!r}; send {NUMPY} (Flower's Array(tensor))")
+    # The .npy header is read and checked against the bytes before any value is: no pickle, no allocation
+    # larger than what was received.
+    data, buffer = array.data, io.BytesIO(array.data)
     try:
-        value = np.load(io.BytesIO(array.data), allow_pickle=False)
-    except Exception as err:  # not .npy bytes, a pickled object, truncated data...
+        version = npy.read_magic(buffer)
+        read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}[version]
+        shape, fortran, dtype = read_header(buffer)
+    except Exception as err:  # not .npy bytes, a pickle, a truncated or malformed header, another format version
         raise ValueError(f"is not a numpy array's bytes ({type(err).__name__}: {str(err)[:200]})") from None
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in _NUMPY_KINDS:
-        raise ValueError(f"has dtype {getattr(value, 'dtype', type(value).__name__)}, not a number type a tensor holds")
+    if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise ValueError(f"has dtype {str(dtype)[:60]}, not a number type a tensor holds")
+    count, offset = math.prod(shape), buffer.tell()
+    if len(data) - offset != count * dtype.itemsize:
+        raise ValueError(f"holds {len(data) - offset} bytes of values, not the {count * dtype.itemsize} of its header's "
+                         f"shape {shape} and dtype {dtype}")
+    value = np.frombuffer(data, dtype, count, offset) if count else np.empty(0, dtype)
+    value = value.reshape(shape, order="F" if fortran else "C").astype(dtype.newbyteorder("="), order="C")
     try:
-        return torch.from_numpy(value.astype(value.dtype.newbyteorder("="), copy=True))
+        return torch.from_numpy(value)
     except TypeError as err:  # a numpy type torch has no counterpart for
         raise ValueError(f"has dtype {value.dtype}, which torch cannot hold ({err})") from None
 
