@@ -80,7 +80,8 @@ def run_one(run: dict, args, data) -> dict:
         out["norms"] = [c["norm"] for h in history for c in h["contributions"]]
     else:
         plan = privacy.PrivacyPlan.of(config)
-        out.update(noise_multiplier=plan.noise_multiplier, epsilon_spent=history[-1]["dp"]["epsilon"],
+        spent = history[-1]["dp"]["epsilon"]
+        out.update(noise_multiplier=plan.noise_multiplier, epsilon_spent=math.inf if spent is None else spent,
                    sampling_rate=plan.sampling_rate)
     return out
 

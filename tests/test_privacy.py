@@ -72,6 +72,7 @@ def state64():
     (dict(strategy="flora"), "cannot run under client-level DP: It stacks"),
     (dict(strategy="fedex"), "cannot run under client-level DP: Its residual"),
     (dict(strategy="lora_fair"), "cannot run under client-level DP: Its correction"),
+    (dict(strategy="flexlora"), "cannot run under client-level DP: It averages each client's product"),
 ])
 def test_config_refuses_unsound_dp(kw, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -130,6 +131,7 @@ def test_clipping_comes_before_the_noise(state64):
 
 @pytest.mark.parametrize("strategy, frozen", [("ffa", "lora_A"), ("rolora", "lora_A")])
 def test_noise_enters_only_uploaded_factors(strategy, frozen, state64):
+    """FFA's frozen A and RoLoRA's resting factor stay bit for bit; the factor clients upload is noised."""
     cfg = dp_config(strategy, dp_noise_multiplier=2.0)
     state = get_strategy(cfg).initial_state(make_model(cfg, torch.float64))
     updates, _ = changes(cfg, state, seed=5)
@@ -137,6 +139,18 @@ def test_noise_enters_only_uploaded_factors(strategy, frozen, state64):
     for module in state.modules():
         assert torch.equal(new.tensors[lora_key(module, frozen)], state.tensors[lora_key(module, frozen)])
         assert not torch.equal(new.tensors[lora_key(module, "lora_B")], state.tensors[lora_key(module, "lora_B")])
+
+
+def test_fedsvd_refactors_the_noised_mean():
+    """FedSVD under DP: the noise enters the mean of B; the refactoring after it keeps the product."""
+    plain = dp_config("fedsvd", dp_seed=5, fedsvd_period=1000)  # no refactoring in round 1
+    state = get_strategy(plain).initial_state(make_model(plain, torch.float64))
+    updates, _ = changes(plain, state, seed=10)
+    kept, refactored = aggregate(plain, state, updates), aggregate(dp_config("fedsvd", dp_seed=5, fedsvd_period=1), state, updates)
+    for module in state.modules():
+        a, b = lora_key(module, "lora_A"), lora_key(module, "lora_B")
+        assert torch.equal(kept.tensors[a], state.tensors[a])
+        torch.testing.assert_close(refactored.tensors[b] @ refactored.tensors[a], kept.tensors[b] @ kept.tensors[a])
 
 
 def test_client_mode_total_noise_matches_central(state64):
@@ -267,3 +281,19 @@ def test_client_side_mode_through_trainers_and_the_aggregator_role(tmp_path):
     _, last = store.read_round(2)
     assert last["dp"]["mode"] == "client" and last["dp"]["epsilon"] == pytest.approx(privacy.epsilon(1.0, 4.0, 2, 1e-3))
     assert last["contributions"] == [{"client_id": "alice"}, {"client_id": "bob"}]
+
+
+def test_no_noise_publishes_strict_json(tmp_path):
+    """sigma 0 (clipping only) has no guarantee: epsilon is null in federation.json, and the card says so."""
+    from peft_federated.aggregator import initialize
+    from peft_federated.hub_integration import LocalStore
+
+    cfg = make_config("fedit", **{**DP, "dp_noise_multiplier": 0.0})
+    store = LocalStore(tmp_path / "fed")
+    initialize(store, cfg, make_model(cfg))
+    state, _ = store.read_round()
+    updates, _ = changes(cfg, state, seed=9)
+    store.publish_round(aggregate(cfg, state, updates), cfg, privacy.published_metadata(cfg, 1, {"contributions": [], "metrics": {}}, False))
+    _, meta = store.read_round(1)
+    assert meta["dp"]["epsilon"] is None
+    assert "epsilon infinite (no noise)" in (store.round_folder(1) / "README.md").read_text()

@@ -250,8 +250,11 @@ class FederatedLoraConfig(LoraConfig):
                 raise ValueError(f"{name} must be {what}, got {value!r}.")
 
         if strategy.dp_refusal:
+            from peft_federated.strategies import STRATEGIES
+
+            able = ", ".join(sorted(n for n, s in STRATEGIES.items() if s.dp_refusal is None))
             raise ValueError(f"strategy={self.strategy!r} cannot run under client-level DP: {strategy.dp_refusal} "
-                             "Use fedit, ffa or rolora with DP.")
+                             f"Strategies that can: {able}.")
         if self.dp_clip_norm is None:
             raise ValueError("DP without clipping has no sensitivity to calibrate the noise to: set dp_clip_norm (C), "
                              "the L2 norm each client's change is clipped to.")

@@ -154,7 +154,9 @@ class PrivacyPlan:
 
     def record(self, rounds: int) -> dict[str, Any]:
         """The DP entry of a round's federation.json, after `rounds` published rounds."""
-        return {"epsilon": self.epsilon(rounds), "delta": self.delta, "rounds_accounted": rounds,
+        spent = self.epsilon(rounds)
+        # epsilon None: no guarantee (sigma 0); federation.json is strict JSON, without Infinity
+        return {"epsilon": spent if math.isfinite(spent) else None, "delta": self.delta, "rounds_accounted": rounds,
                 "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm, "sampling_rate": self.sampling_rate,
                 "expected_clients": self.expected_clients, "num_clients": self.num_clients, "mode": self.mode,
                 "sampling": "poisson", "neighbouring": "add or remove one client", "accountant": f"dp-accounting {self.accountant}",

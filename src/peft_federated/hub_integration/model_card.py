@@ -32,11 +32,12 @@ def _samples(contributions: Any) -> int:
 
 def _privacy_line(dp: Any) -> list[str]:
     """The card's line on differential privacy, from the latest round's `dp` entry (`privacy.PrivacyPlan.record`)."""
-    keys = ("epsilon", "delta", "rounds_accounted", "noise_multiplier", "clip_norm", "sampling_rate")
-    if not isinstance(dp, dict) or not all(_number(dp.get(k)) or dp.get(k) == math.inf for k in keys):
+    keys = ("delta", "rounds_accounted", "noise_multiplier", "clip_norm", "sampling_rate")
+    if not isinstance(dp, dict) or not all(_number(dp.get(k)) for k in keys) or not (_number(dp.get("epsilon")) or dp.get("epsilon") is None):
         return []
     mode = "client-side" if dp.get("mode") == "client" else "central"
-    return [f"- differential privacy: client-level DP-FedAvg ({mode} noise), **epsilon {dp['epsilon']:.4g} at delta "
+    spent = "infinite (no noise)" if dp["epsilon"] is None else f"{dp['epsilon']:.4g}"
+    return [f"- differential privacy: client-level DP-FedAvg ({mode} noise), **epsilon {spent} at delta "
             f"{dp['delta']:.3g}** after {int(dp['rounds_accounted'])} rounds; noise multiplier {dp['noise_multiplier']:.4g}, "
             f"clip norm {dp['clip_norm']:.4g}, Poisson sampling rate {dp['sampling_rate']:.4g}, dp-accounting "
             f"{'PLD' if 'pld' in str(dp.get('accountant')) else 'RDP'} accountant"]

@@ -51,6 +51,7 @@ class FlexLoRA(Strategy):
     name = "flexlora"
     paper = ("Federated Fine-tuning of Large Language Models under Heterogeneous Tasks and Client Resources "
              "(Bai et al., NeurIPS 2024)")
+    dp_refusal = "It averages each client's product B_k A_k, whose change clipping the factors does not bound."
     module_aggregator_cls = FlexLoRAModule
 
     def client_rank(self, state: GlobalState, client_id: str) -> int:
