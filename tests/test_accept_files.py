@@ -14,13 +14,13 @@ import pytest
 import torch
 from helpers import make_config
 from safetensors.torch import save_file
-from test_invariants import random_state, random_update
+from test_invariants import random_state, random_update, random_upload
 
 from peft_federated import get_strategy
 from peft_federated import fold
 from peft_federated.update_file import UpdateFile
 
-STRATEGIES = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
+STRATEGIES = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex", "fedsa"]
 SAMPLES = [4, 1, 9, 2, 7]
 
 
@@ -49,7 +49,7 @@ def test_files_module_by_module_equal_accept_one_by_one(tmp_path, gen, dtype, na
     s = get_strategy(make_config(name, r=3, **kw))
     state = random_state(gen, dtype, round=round)
     ranks = [s.client_rank(state, f"c{k}") for k in range(len(SAMPLES))]
-    ups = [random_update(state, gen, s.trainable_factors(round), rank=r) for r in ranks]
+    ups = [random_upload(s, state, gen, rank=r) for r in ranks]
     one_by_one = s.aggregate(state, [(f"c{k}", u, n) for k, (u, n) in enumerate(zip(ups, SAMPLES))])
     agg = s.aggregator(state)
     paths = write_updates(tmp_path, ups)
@@ -67,14 +67,14 @@ def only_runs(monkeypatch, run_bytes):
     monkeypatch.setattr(fold, "fold_modules", fail)
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa", "rolora"])
+@pytest.mark.parametrize("name", ["fedit", "ffa", "rolora", "fedsa"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 @pytest.mark.parametrize("run_bytes", [1, 100, 2**20])
 @pytest.mark.parametrize("threads", [1, 3])
 def test_plain_means_fold_by_runs_equal_accept_one_by_one(tmp_path, monkeypatch, gen, name, dtype, run_bytes, threads):
     s = get_strategy(make_config(name, r=3))
     state = random_state(gen, dtype, round=1)
-    ups = [random_update(state, gen, s.trainable_factors(1)) for _ in SAMPLES]
+    ups = [random_upload(s, state, gen) for _ in SAMPLES]
     one_by_one = s.aggregate(state, [(f"c{k}", u, n) for k, (u, n) in enumerate(zip(ups, SAMPLES))])
     only_runs(monkeypatch, run_bytes)  # 1 byte: one tensor a run; 100: a few; 1 MiB: the whole file
     agg = s.aggregator(state, threads=threads)

@@ -17,7 +17,7 @@ from peft_federated.hub_integration import write_round
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"strategy": "fedavg"}, "choose one of: fedex, fedit, fedsvd, ffa, flexlora, flora, hetlora, lora_fair, rolora"),
+        ({"strategy": "fedavg"}, "choose one of: fedex, fedit, fedsa, fedsvd, ffa, flexlora, flora, hetlora, lora_fair, rolora"),
         ({"r": 4, "client_ranks": {"a": 5}}, "client_ranks['a'] = 5 must be an integer in [1, r=4]"),
         ({"client_ranks": {"a": 0}}, "must be an integer in [1"),
         ({"num_rounds": 0}, "num_rounds must be a positive integer"),

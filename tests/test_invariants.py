@@ -40,6 +40,12 @@ def random_update(state, gen, factors=("lora_A", "lora_B"), rank=R):
     return out
 
 
+def random_upload(strategy, state, gen, rank=R):
+    """A random update of exactly what `strategy` uploads in `state.round`: its shared factors and extras."""
+    update = random_update(state, gen, strategy.shared_factors(state.round), rank)
+    return {k: v for k, v in update.items() if k not in strategy.personal_keys(state)}
+
+
 def weights(samples):
     return [n / sum(samples) for n in samples]
 
@@ -323,13 +329,12 @@ def test_lora_fair_large_lambda_is_fedit(gen, dtype):
     assert float(torch.linalg.norm(dB_small)) > 1e-3
 
 
-@pytest.mark.parametrize("name", ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"])
+@pytest.mark.parametrize("name", ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex", "fedsa"])
 def test_streaming_equals_all_at_once(gen, dtype, name):
     """One update at a time, in any order, gives the all-at-once aggregate (computed here by hand for the sums)."""
     s = get_strategy(make_config(name, r=R))
     state = random_state(gen, dtype, round=1)
-    factors = s.trainable_factors(state.round)
-    ups = [random_update(state, gen, factors=factors) for _ in range(5)]
+    ups = [random_upload(s, state, gen) for _ in range(5)]
     samples = [4, 1, 9, 2, 7]
     agg = s.aggregator(state)
     for k in [3, 0, 4, 1, 2]:

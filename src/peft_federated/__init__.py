@@ -16,6 +16,7 @@ _LAZY = {
     "FederatedDPOTrainer": "peft_federated.trainer.trl",
     "LocalStore": "peft_federated.hub_integration.store",
     "HubStore": "peft_federated.hub_integration.hub_store",
+    "load_personal": "peft_federated.personal",
 }
 __all__ = ["FederatedLoraConfig", "GlobalState", "InvalidUpdateError", "LowRank", "STRATEGIES", "Strategy", "get_strategy", *_LAZY]
 

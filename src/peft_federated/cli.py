@@ -138,6 +138,8 @@ def _add_role_parsers(sub) -> None:
     client.add_argument("--lr", type=float, default=5e-4)
     client.add_argument("--seed", type=int, default=0)
     client.add_argument("--output-dir", default=None, help="Trainer output folder (default: ./peft-federated-<client id>).")
+    client.add_argument("--personal-dir", default=None, help="fedsa: where this client keeps its personal tensors (lora_B, "
+                        "the head), never uploaded and read back on restart (default: <output dir>/personal).")
     client.add_argument("--round-timeout", type=float, default=3600.0, help="Seconds to wait for each global round.")
 
 
@@ -210,6 +212,7 @@ def _run_role(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                 completion_column=args.completion_column, chat_template=args.chat_template, packing=args.packing,
                 gradient_accumulation_steps=args.gradient_accumulation_steps,
                 gradient_checkpointing=args.gradient_checkpointing, bf16=args.bf16, fp16=args.fp16, quantization=quantization,
+                personal_dir=args.personal_dir,
             )
         except (SFTDataError, roles.PrecisionError, FileNotFoundError) as e:  # refused before any round trains
             print(f"peft-federated client: error: {e}", file=sys.stderr)

@@ -25,7 +25,7 @@ class FederatedLoraConfig(LoraConfig):
 
     strategy: str = field(
         default="rolora",
-        metadata={"help": "Aggregation strategy by name: fedit, ffa, rolora, hetlora, lora_fair, flora, fedex, flexlora or fedsvd."},
+        metadata={"help": "Aggregation strategy by name: fedit, ffa, rolora, hetlora, lora_fair, flora, fedex, flexlora, fedsvd or fedsa."},
     )
     num_rounds: int = field(default=10, metadata={"help": "Number of federated rounds."})
     clients_per_round: Union[int, float] = field(

@@ -207,7 +207,7 @@ def noise_round(aggregator: "Aggregator") -> None:
     share = 1.0 if plan.mode == "central" else max(0, plan.expected_clients - arrived) / plan.expected_clients
     std = plan.noise_multiplier * plan.clip_norm * math.sqrt(share)
     g = generator(strategy.config, state.round, "aggregator")
-    trainable = strategy.trainable_factors(state.round)
+    trainable = strategy.shared_factors(state.round)  # what clients upload: never a personal factor
     means = [(key, mean) for key, mean in aggregator.extras.items()]
     for module, agg in aggregator.modules.items():
         means += [(lora_key(module, f), {"lora_A": agg.mean_A, "lora_B": agg.mean_B}[f]) for f in trainable]

@@ -178,7 +178,8 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
                messages_column: Optional[str] = None, prompt_column: Optional[str] = None,
                completion_column: Optional[str] = None, chat_template: Optional[str] = None,
                gradient_accumulation_steps: int = 1, gradient_checkpointing: bool = False, bf16: bool = False,
-               fp16: bool = False, packing: bool = False, quantization: Optional["BitsAndBytesConfig"] = None) -> dict[str, float]:
+               fp16: bool = False, packing: bool = False, quantization: Optional["BitsAndBytesConfig"] = None,
+               personal_dir: Optional[str] = None) -> dict[str, float]:
     """Take part in every round of the federation in `store`; returns the training metrics (the Trainer's names).
 
     The federation's task type (from round 0) picks the trainer: CAUSAL_LM trains with
@@ -186,7 +187,10 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
     `peft_federated.data.sft`; `max_length` defaults to TRL's 1024); other task types with
     `FederatedTrainer` on labelled data (`max_length` defaults to 128). Data that cannot train and
     mixed precision the machine lacks are refused before any round trains. `quantization`: a
-    `BitsAndBytesConfig` (4-bit or 8-bit base; build it with `quantization.quantization_config`)."""
+    `BitsAndBytesConfig` (4-bit or 8-bit base; build it with `quantization.quantization_config`).
+    Under a personalized strategy (FedSA-LoRA) the client's personal tensors (lora_B, the head) stay in
+    `personal_dir` (default `<output_dir>/personal`, a folder per client id), are never uploaded, and
+    are read back when the client restarts."""
     from peft import get_peft_model
 
     check_precision(bf16, fp16)
@@ -216,7 +220,8 @@ def run_client(store: RoundStore, client_id: str, data: str | Path, model_path: 
         gradient_accumulation_steps=gradient_accumulation_steps, gradient_checkpointing=gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if gradient_checkpointing else None, bf16=bf16, fp16=fp16,
     )
-    loop = dict(federated_config=config, client_id=client_id, store=store, poll_interval=poll_interval, round_timeout=round_timeout)
+    loop = dict(federated_config=config, client_id=client_id, store=store, poll_interval=poll_interval, round_timeout=round_timeout,
+                personal_dir=personal_dir)
     if causal:
         from trl import SFTConfig
 

@@ -13,6 +13,7 @@ from peft_federated.strategies.base import (
 )
 from peft_federated.strategies.fedex import FedExLoRA
 from peft_federated.strategies.fedit import FedIT
+from peft_federated.strategies.fedsa import FedSALoRA
 from peft_federated.strategies.fedsvd import FedSVD
 from peft_federated.strategies.ffa import FFALoRA
 from peft_federated.strategies.flexlora import FlexLoRA
@@ -23,7 +24,7 @@ from peft_federated.strategies.rolora import RoLoRA
 from peft_federated.strategies.validation import InvalidUpdateError, check_update
 
 __all__ = [
-    "STRATEGIES", "Aggregator", "ClientRound", "FedAvgModule", "FedExLoRA", "FedIT", "FedSVD", "FFALoRA", "FlexLoRA",
+    "STRATEGIES", "Aggregator", "ClientRound", "FedAvgModule", "FedExLoRA", "FedIT", "FedSALoRA", "FedSVD", "FFALoRA", "FlexLoRA",
     "FLoRA", "HetLoRA", "InvalidUpdateError", "LoraFAIR", "ModuleAggregator", "RoLoRA", "Strategy", "WeightedMean",
     "check_update", "get_strategy", "register",
 ]

@@ -3,6 +3,8 @@
 A `Strategy` is one algorithm, both sides. Subclasses override small hooks:
 - client side: `trainable_factors` (which of lora_A / lora_B train this round), `client_rank`,
   `client_start` (the tensors a client starts from), `regularizer`, `upload_rank`;
+- personalization: `personal_factors` and `personal_extras` declare what each client trains but keeps
+  for itself (FedSA-LoRA's lora_B and head); every other tensor a client trains is uploaded;
 - server side: `module_aggregator_cls` (how one module's factors merge) and `next_strategy_state`.
 Sample-count vs uniform weighting and update validation live here once, for every strategy.
 
@@ -26,7 +28,7 @@ from torch import Tensor
 
 from peft_federated import adapter, fold, privacy
 from peft_federated.fold import FileUpdate, WeightedMean
-from peft_federated.state import GlobalState, LowRank, lora_key, lora_modules
+from peft_federated.state import GlobalState, LowRank, lora_key, lora_modules, parse_lora_key
 from peft_federated.strategies.validation import (
     InvalidUpdateError, all_finite, change_norm, check_update, clip_change, squared_change,
 )
@@ -104,7 +106,7 @@ class Aggregator:
     def _reset(self) -> None:
         self.modules = {m: self.strategy.module_aggregator_cls(self.strategy, self.state, m) for m in self.state.modules()}
         self._noised = False
-        self.extras = {k: WeightedMean() for k in self.state.extra_keys()}
+        self.extras = {k: WeightedMean() for k in self.strategy.shared_extra_keys(self.state)}
 
     def check(self, update: dict[str, Tensor], client_id: str) -> int:
         """Validate an update without folding it in; its rank. Raises `InvalidUpdateError`.
@@ -118,13 +120,14 @@ class Aggregator:
         rank = next((r for r in ranks if self._expected(r) == layout), None)
         if rank is not None and all(isinstance(v, TensorSpec) or all_finite(v) for v in update.values()):
             return rank
-        return check_update(update, self.state, trainable=s.trainable_factors(self.state.round), ranks=ranks, client_id=client_id)
+        return check_update(update, self.state, trainable=s.shared_factors(self.state.round), ranks=ranks, client_id=client_id,
+                            extras=s.shared_extra_keys(self.state), personal=s.personal_keys(self.state))
 
     def _expected(self, rank: int) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """The name -> (dtype, shape) of a valid update at `rank` (computed once per rank)."""
         if rank not in self._layouts:
-            trainable, out = self.strategy.trainable_factors(self.state.round), {}
-            for key in self.state.extra_keys():
+            trainable, out = self.strategy.shared_factors(self.state.round), {}
+            for key in self.strategy.shared_extra_keys(self.state):
                 out[key] = (self.state.tensors[key].dtype, tuple(self.state.tensors[key].shape))
             for module in self.state.modules():
                 A, B = self.state.factor(module, "lora_A"), self.state.factor(module, "lora_B")
@@ -335,19 +338,29 @@ class ClientRound:
         return self.strategy.regularizer(self)
 
     def payload(self) -> dict[str, Tensor]:
-        """Exactly the tensors this client uploads: the trained factors at its rank, and extra tensors."""
+        """Exactly the tensors this client uploads: the trained factors at its rank, and extra tensors,
+        but for those the strategy keeps personal (`personal`)."""
         self.close()
         tensors = adapter.read_tensors(self.model)
         rank = self.strategy.upload_rank(self)
+        shared = self.strategy.shared_factors(self.round)
         out = {}
-        for key in self.state.extra_keys():
+        for key in self.strategy.shared_extra_keys(self.state):
             out[key] = tensors[key]
         for module in lora_modules(tensors):
-            if "lora_A" in self.trainable:
+            if "lora_A" in shared:
                 out[lora_key(module, "lora_A")] = tensors[lora_key(module, "lora_A")][:rank].contiguous()
-            if "lora_B" in self.trainable:
+            if "lora_B" in shared:
                 out[lora_key(module, "lora_B")] = tensors[lora_key(module, "lora_B")][:, :rank].contiguous()
         return out
+
+    def personal(self) -> dict[str, Tensor]:
+        """The tensors this client keeps for its next round and never uploads (`Strategy.personal_keys`),
+        as the model holds them now (factors at the model's rank); {} for a strategy without any."""
+        if not self.strategy.personalized:
+            return {}
+        tensors = adapter.read_tensors(self.model)
+        return {key: tensors[key].contiguous() for key in self.strategy.personal_keys(self.state)}
 
     def close(self) -> None:
         for handle in self.hooks:
@@ -367,6 +380,12 @@ class Strategy:
     # calibrate to.
     dp_refusal: ClassVar[Optional[str]] = None
     module_aggregator_cls: ClassVar[type[ModuleAggregator]] = FedAvgModule
+    # Personalization: the LoRA factors each client trains but keeps (never uploaded, never aggregated),
+    # and whether the extra trainable tensors (modules_to_save: a classification head) are personal too.
+    # A client keeps its own between rounds (`peft_federated.personal`); published rounds keep round 0's
+    # values there (B = 0, the initial head). Nothing is personal but under FedSA-LoRA.
+    personal_factors: ClassVar[tuple[str, ...]] = ()
+    personal_extras: ClassVar[bool] = False
 
     def __init__(self, config: "FederatedLoraConfig") -> None:
         self.config = config
@@ -394,13 +413,31 @@ class Strategy:
     def initial_strategy_state(self) -> dict:
         return {}
 
+    @property
+    def personalized(self) -> bool:
+        """Whether each client keeps tensors of its own (`personal_factors`, `personal_extras`)."""
+        return bool(self.personal_factors or self.personal_extras)
+
+    def personal_keys(self, state: GlobalState) -> list[str]:
+        """The tensors of `state` that stay on each client, in the state's order."""
+        extras = set(state.extra_keys()) if self.personal_extras else set()
+        return [k for k in state.tensors if k in extras or ((p := parse_lora_key(k)) is not None and p[1] in self.personal_factors)]
+
+    def shared_factors(self, round: int) -> tuple[str, ...]:
+        """The LoRA factors clients upload this round, and the server aggregates: the trained ones that are not personal."""
+        return tuple(f for f in self.trainable_factors(round) if f not in self.personal_factors)
+
+    def shared_extra_keys(self, state: GlobalState) -> list[str]:
+        """The extra trainable tensors clients upload and the server averages (none when they are personal)."""
+        return [] if self.personal_extras else state.extra_keys()
+
     def weight(self, num_samples: int) -> float:
         """A client's aggregation weight before normalisation: its sample count, or 1 when uniform."""
         return float(num_samples) if self.config.weighting == "samples" else 1.0
 
     # ---- client side --------------------------------------------------------------------------
     def trainable_factors(self, round: int) -> tuple[str, ...]:
-        """Which LoRA factors clients train (and upload) in this round."""
+        """Which LoRA factors clients train in this round (they upload those that are not personal)."""
         return BOTH
 
     def client_rank(self, state: GlobalState, client_id: str) -> int:
@@ -420,9 +457,14 @@ class Strategy:
             out[a], out[b] = out[a][:rank], out[b][:, :rank]
         return out
 
-    def prepare_client(self, model: "PeftModel", state: GlobalState, client_id: str) -> ClientRound:
+    def prepare_client(self, model: "PeftModel", state: GlobalState, client_id: str,
+                       personal: Optional[dict[str, Tensor]] = None) -> ClientRound:
         """Load the global state into `model` for this client's round: base change, start tensors,
-        which factors train, and (below the model's rank) gradient masks on the unused ranks."""
+        which factors train, and (below the model's rank) gradient masks on the unused ranks.
+
+        `personal`: the client's own tensors (`personal_keys`, as `ClientRound.personal` gave them at the
+        end of its last round) written over the global ones; None, for a client that has none yet (its
+        first round, or it joins late), starts from the published round's values: B = 0, the round-0 head."""
         model_rank = adapter.model_rank(model)
         if model_rank != self.config.r:
             raise ValueError(f"The model's LoRA rank is {model_rank} but the federation's r is {self.config.r}.")
@@ -434,6 +476,12 @@ class Strategy:
         rank = self.client_rank(state, client_id)
         adapter.set_base_delta(model, state.base_delta, self.config.scaling)
         adapter.write_tensors(model, self.client_start(state, client_id, rank))
+        if personal:
+            if set(personal) != set(self.personal_keys(state)):
+                wrong = sorted(set(personal) ^ set(self.personal_keys(state)))
+                raise ValueError(f"{self.name}: personal tensors must be exactly {self.personal_keys(state)[:3]}... "
+                                 f"(personal_keys); these differ: {wrong[:3]}.")
+            adapter.write_tensors(model, personal)
         trainable = self.trainable_factors(state.round)
         adapter.set_factor_trainable(model, trainable)
         hooks = adapter.mask_rank(model, rank) if rank < model_rank else []

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -20,25 +22,33 @@ class InvalidUpdateError(ValueError):
 
 
 def check_update(
-    update: dict[str, Tensor | TensorSpec], state: GlobalState, trainable: tuple[str, ...], ranks: range, client_id: str
+    update: dict[str, Tensor | TensorSpec], state: GlobalState, trainable: tuple[str, ...], ranks: range, client_id: str,
+    extras: Optional[Sequence[str]] = None, personal: Collection[str] = (),
 ) -> int:
     """Raise `InvalidUpdateError` unless `update` holds exactly the expected tensors; return its rank.
 
-    Expected: the `trainable` factors of every LoRA module (one common rank within `ranks`) and every
-    extra trainable tensor of the global state, with the global dtypes and shapes, all finite.
+    Expected: the `trainable` factors of every LoRA module (one common rank within `ranks`) and the
+    `extras` (default: every extra trainable tensor of the global state), with the global dtypes and
+    shapes, all finite. A `personal` tensor (one each client keeps) is refused as such.
     For an update file's header (`TensorSpec` values) everything but the values is checked.
     """
 
     def refuse(reason: str) -> InvalidUpdateError:
         return InvalidUpdateError(client_id, state.round, reason)
 
-    expected = set(state.extra_keys())
+    extras = state.extra_keys() if extras is None else extras
+    expected = set(extras)
     for module in state.modules():
         expected.update(lora_key(module, f) for f in trainable)
+    uploads = ", ".join(trainable) + (" and the extra trainable tensors" if extras else "")
+    held = sorted(set(update) & set(personal))
+    if held:
+        raise refuse(f"it holds personal tensors {held[:3]}{' ...' if len(held) > 3 else ''}: under this strategy each "
+                     f"client keeps them for itself and never uploads them. Upload only {uploads}.")
     unknown, missing = sorted(set(update) - expected), sorted(expected - set(update))
     if unknown:
         raise refuse(f"unexpected tensors {unknown[:3]}{' ...' if len(unknown) > 3 else ''}: this round uploads only "
-                     f"{', '.join(trainable)} and the extra trainable tensors. Is the client on the right round?")
+                     f"{uploads}. Is the client on the right round?")
     if missing:
         raise refuse(f"missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''}; upload the whole payload.")
 

@@ -4,11 +4,17 @@ Each round samples clients (seeded by round, so a resumed run samples the same o
 through the real `FederatedTrainer` loop, aggregates as updates arrive, evaluates the global model
 on a held-out set and publishes the round to the store. A run killed mid-round resumes from the
 last published round and ends with the same result.
+
+Clients share one model object, but never what is personal: each client's round starts from its own
+personal tensors (FedSA-LoRA's lora_B and head), which the trainer keeps in a folder per client
+(`peft_federated.personal`), or from the shared model when it has none. With each client's own test
+split (`client_eval_datasets`), every round also scores each client's personalized model on it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +26,7 @@ from transformers import PrinterCallback, TrainingArguments
 from peft_federated import privacy
 from peft_federated.config import FederatedLoraConfig
 from peft_federated.hub_integration.store import LocalStore, RoundStore, update_sha256
+from peft_federated.personal import clear_personal, client_folder
 from peft_federated.state import GlobalState
 from peft_federated.trainer.trainer import FederatedTrainer
 
@@ -50,6 +57,11 @@ class SimulationResult:
     def final_metrics(self) -> dict[str, float]:
         return self.history[-1].get("metrics", {})
 
+    @property
+    def final_client_metrics(self) -> dict[str, dict[str, float]]:
+        """Each client's personalized metrics after the last round (with `client_eval_datasets`)."""
+        return self.history[-1].get("client_eval", {})
+
 
 def run_simulation(
     model,
@@ -67,6 +79,7 @@ def run_simulation(
     output_dir: Optional[str | Path] = None,
     stop_after_clients: Optional[int] = None,
     evaluate_fn: Optional[Callable[[Any], dict[str, float]]] = None,
+    client_eval_datasets: Optional[dict[str, Any]] = None,
 ) -> SimulationResult:
     """Run (or resume) a federation of `client_datasets` on `model` (a PeftModel built from `config`);
     when it returns, `model` holds the final global round.
@@ -76,6 +89,18 @@ def run_simulation(
     `evaluate_fn(model)`, if given, scores each round's global model instead of `trainer.evaluate()`.
     Trainers that tokenize their datasets when built (TRL's, e.g. `FederatedSFTTrainer`) get every
     client's dataset prepared the same way, once.
+
+    `client_eval_datasets` (client id -> its own test split): after every round, `trainer.evaluate()`
+    scores each of these clients' personalized model (`FederatedTrainer.personalized`: the global
+    round with its personal tensors; for a strategy without any, the model it starts a round from) on
+    its split. Each round's entry carries them as `client_eval` (client -> metrics) and, in `metrics`,
+    their unweighted mean over clients and the worst client: `eval_personal_mean_<name>` and
+    `eval_personal_worst_<name>` (the lowest value; the highest of a loss). Under DP these describe
+    each client's own data: they are not published with the rounds, only returned and written to
+    results.json (for the rounds this call ran).
+
+    Personal tensors live under `args.output_dir/personal/<client id>`; a federation that starts here
+    (its store holds no round) removes those its clients had from an earlier one.
     """
     store = LocalStore(store) if isinstance(store, (str, Path)) else store
     ids = sorted(client_datasets)
@@ -94,6 +119,10 @@ def run_simulation(
         client_id=ids[0],
     )
     client_datasets = {cid: _prepared(trainer, ds, i) for i, (cid, ds) in enumerate(sorted(client_datasets.items()))}
+    client_eval = {cid: _prepared(trainer, ds, 1, "eval") for cid, ds in sorted((client_eval_datasets or {}).items())}
+    if unknown := sorted(set(client_eval) - set(ids)):
+        raise ValueError(f"client_eval_datasets names clients without training data: {unknown[:5]}; its keys must be "
+                         "client ids of client_datasets.")
     strategy = trainer.strategy
     trainer.remove_callback(PrinterCallback)  # the round/client progress bar reports instead
 
@@ -104,10 +133,34 @@ def run_simulation(
         metrics = evaluate_fn(model) if evaluate_fn is not None else trainer.evaluate()
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
-    def publish(state: GlobalState, metadata: dict) -> None:
+    def evaluate_clients(state: GlobalState) -> dict[str, dict[str, float]]:
+        """Each client's personalized model on its own test split."""
+        out = {}
+        for cid, dataset in client_eval.items():
+            with trainer.personalized(state, cid):
+                metrics = trainer.evaluate(eval_dataset=dataset)
+            out[cid] = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        return out
+
+    kept_local: dict[int, dict] = {}  # under DP: the per-client evaluations, kept out of the published rounds
+
+    def publish(state: GlobalState, metadata: dict) -> dict[str, float]:
+        """Publish the round, with the clients' personalized evaluations; the round's metrics."""
+        metrics = metadata["metrics"]
+        if client_eval:
+            per_client = evaluate_clients(state)
+            metrics = {**metrics, **summarize_clients(per_client)}
+            if config.dp:
+                kept_local[state.round] = {"client_eval": per_client, "metrics": metrics}
+            else:
+                metadata = {**metadata, "client_eval": per_client, "metrics": metrics}
         store.publish_round(state, config, privacy.published_metadata(config, state.round, metadata, participation_public=False))
+        return metrics
 
     if store.latest_round() is None:
+        if strategy.personalized:  # a new federation: no client has personal tensors yet
+            for cid in ids:
+                clear_personal(client_folder(trainer.personal_dir, cid))
         state = strategy.initial_state(model)
         publish(state, {"metrics": evaluate(state), "contributions": []})
     state, _ = store.read_round()
@@ -139,13 +192,15 @@ def run_simulation(
             bar.update(1)
             bar.set_postfix(round=rnd, client=client_id, loss=f"{metrics.get('train_loss', float('nan')):.3f}")
         state = aggregator.result()
-        metrics = evaluate(state)
-        publish(state, {"metrics": metrics, "contributions": contributions})
-        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and not any(s in k for s in ("runtime", "per_second", "_time"))}
+        metrics = publish(state, {"metrics": evaluate(state), "contributions": contributions})
+        shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and not _timing(k)}
         bar.write(f"round {state.round}/{config.num_rounds}: {shown}")
     bar.close()
     strategy.prepare_client(model, state, "global").close()  # the model given holds the final global round
     history = store.history()
+    for h in history:  # under DP: this call's per-client evaluations, beside (not in) the published rounds
+        if (local := kept_local.get(h.get("round"))) is not None:
+            h["client_eval"], h["metrics"] = local["client_eval"], {**h.get("metrics", {}), **local["metrics"]}
     out = Path(output_dir) if output_dir is not None else getattr(store, "root", Path("."))
     result = SimulationResult(history=history, store=store)
     result.results_json = write_results(out, config, history)
@@ -153,13 +208,34 @@ def run_simulation(
     return result
 
 
-def _prepared(trainer, dataset, index: int):
-    """`dataset` as the trainer would have prepared it at construction (the first one already is)."""
+def _prepared(trainer, dataset, index: int, split: str = "train"):
+    """`dataset` as the trainer would have prepared it at construction (the first training set already is)."""
     prepare = getattr(trainer, "_prepare_dataset", None)  # TRL's SFTTrainer: chat template, tokenize, labels
     if index == 0 or prepare is None or getattr(trainer, "_skip_prepare_dataset", False):
         return trainer.train_dataset if index == 0 else dataset
-    return prepare(dataset, trainer.processing_class, trainer.args, trainer.args.packing,
-                   getattr(trainer, "_formatting_func", None), "train")
+    packing = trainer.args.packing
+    if split == "eval" and getattr(trainer.args, "eval_packing", None) is not None:
+        packing = trainer.args.eval_packing
+    return prepare(dataset, trainer.processing_class, trainer.args, packing, getattr(trainer, "_formatting_func", None), split)
+
+
+def _timing(name: str) -> bool:
+    """Whether a metric measures time or speed, not quality."""
+    return any(s in name for s in ("runtime", "per_second", "_time"))
+
+
+def summarize_clients(per_client: dict[str, dict[str, float]], prefix: str = "eval_") -> dict[str, float]:
+    """`eval_personal_mean_<name>`: the unweighted mean over clients of each `eval_<name>` metric (as the
+    FedSA-LoRA paper reports), and `eval_personal_worst_<name>`: the worst client's (the lowest value,
+    the highest of a loss)."""
+    names = sorted({k for m in per_client.values() for k in m if k.startswith(prefix) and not _timing(k)})
+    out = {}
+    for name in names:
+        values = [m[name] for m in per_client.values() if name in m]
+        base = name.removeprefix(prefix)
+        out[f"{prefix}personal_mean_{base}"] = math.fsum(values) / len(values)
+        out[f"{prefix}personal_worst_{base}"] = max(values) if "loss" in base else min(values)
+    return out
 
 
 def write_results(folder: Path, config: FederatedLoraConfig, history: list[dict[str, Any]]) -> Path:

@@ -17,16 +17,24 @@ Choices, documented:
   its `round`), and it returns a `TrainOutput`. When it returns, the model holds the federation's
   final global round, so `evaluate()`, `save_model()` and `push_to_hub()` act on the federation's
   model (saved as the plain PEFT adapter the store publishes, base change included).
+- Personalized strategies (`Strategy.personalized`: FedSA-LoRA keeps lora_B and the head): each round
+  starts from the client's own personal tensors, read from `personal_dir` (default
+  `args.output_dir/personal`, one folder per client id), and writes them back there after training,
+  before the update is submitted (`peft_federated.personal`). They never enter an upload and survive
+  a restart; a client without any starts from the shared model (B = 0). `personalized()` puts the
+  client's personalized model in place, e.g. for `evaluate()`.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from transformers import ProgressCallback, Trainer, TrainerState, set_seed
@@ -35,6 +43,7 @@ from transformers.trainer_utils import TrainOutput, speed_metrics
 from peft_federated import privacy
 from peft_federated.hub_integration.layout import write_round
 from peft_federated.hub_integration.store import RoundStore, check_client_id
+from peft_federated.personal import client_folder, read_personal, write_personal
 from peft_federated.state import GlobalState
 from peft_federated.strategies import ClientRound, get_strategy
 
@@ -82,6 +91,7 @@ class FederatedMixin:
         store: Optional[RoundStore] = None,
         poll_interval: float = 2.0,
         round_timeout: float = 3600.0,
+        personal_dir: Optional[str | os.PathLike] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -95,13 +105,29 @@ class FederatedMixin:
         self._base_seed = self.args.seed
         self._run: Optional[_Run] = None
         self.global_state: Optional[GlobalState] = None  # the federation's final round, once train() returns
+        self._personal_dir = personal_dir
+
+    @property
+    def personal_dir(self) -> Path:
+        """Where each client's personal tensors live (`personal_dir`, default `args.output_dir/personal`),
+        in a folder per client id; used only by personalized strategies."""
+        return Path(self._personal_dir) if self._personal_dir is not None else Path(self.args.output_dir) / "personal"
+
+    def _personal_start(self, state: GlobalState, client_id: str) -> tuple[Optional[int], Optional[dict[str, torch.Tensor]]]:
+        """(snapshot round, tensors) a client starts `state.round` from: its latest personal tensors, or
+        (None, None) when it has none or the strategy keeps nothing personal."""
+        if not self.strategy.personalized:
+            return None, None
+        folder = client_folder(self.personal_dir, client_id)
+        return self._on_main_process(lambda: read_personal(folder, state, self.strategy, client_id))
 
     # ---- one round --------------------------------------------------------------------------------
     def train_round(self, state: GlobalState) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
         """Train this client's round `state.round` from the global `state`: (payload, num_samples, metrics)."""
         cfg, args = self.federated_config, self.args
         self._fed_round = state.round
-        self.client_round = self.strategy.prepare_client(self.model, state, self.client_id)
+        started_from, personal = self._personal_start(state, self.client_id)
+        self.client_round = self.strategy.prepare_client(self.model, state, self.client_id, personal=personal)
         if cfg.local_steps is not None:
             args.max_steps = cfg.local_steps
         else:
@@ -114,6 +140,9 @@ class FederatedMixin:
         with _gc_frozen(), self._one_run_callbacks():
             output = super().train()
         payload = self.client_round.payload()
+        if self.strategy.personalized and self.is_world_process_zero():  # kept here, before anything is submitted
+            write_personal(client_folder(self.personal_dir, self.client_id), state.round + 1, self.client_round.personal(),
+                           self.strategy, self.client_id, keep_from=started_from)
         if cfg.dp and cfg.dp_mode == "client":  # clipped and noised before it leaves the client
             start = self.strategy.client_start(state, self.client_id, self.client_round.rank)
             payload = privacy.privatize_update(payload, start, cfg, state.round, self.client_id)
@@ -125,6 +154,37 @@ class FederatedMixin:
             run.state, run.steps, run.loss_sum = self.state, self.state.global_step, run.loss_sum + metrics["train_loss"] * steps
             run.samples += steps * (self.state.train_batch_size or args.per_device_train_batch_size) * args.gradient_accumulation_steps * args.world_size
         return payload, len(self.train_dataset), metrics
+
+    @contextmanager
+    def personalized(self, state: Optional[GlobalState] = None, client_id: Optional[str] = None):
+        """The model as a client uses it, for the duration of a `with` block: the global round `state`
+        (default: the federation's final round, once `train()` returned) with the client's personal
+        tensors over it (its latest at most that round; none: the shared model). For a strategy without
+        personal tensors, the client's start of a round (the global model, or its rank truncation under
+        HetLoRA or FlexLoRA). Afterwards the model holds the global round again.
+
+            trainer.train()
+            trainer.evaluate()                 # the federation's global model
+            with trainer.personalized():
+                trainer.evaluate()             # this client's personalized model
+        """
+        state = state if state is not None else self.global_state
+        if state is None:
+            raise ValueError("No global round to personalize: call train() first, or pass state (e.g. store.read_round()[0]).")
+        client_id = self.client_id if client_id is None else check_client_id(client_id)
+        _, personal = self._personal_start(state, client_id)
+        self.strategy.prepare_client(self.model, state, client_id, personal=personal).close()
+        try:
+            yield self.model
+        finally:
+            self.strategy.prepare_client(self.model, state, "global").close()
+
+    def _on_main_process(self, read: Callable[[], Any]) -> Any:
+        """`read()` on the main process, its result broadcast to the others (under `accelerate launch`)."""
+        box = [read() if self.is_world_process_zero() else None]
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     @contextmanager
     def _one_run_callbacks(self):
