@@ -104,7 +104,7 @@ class DataTrainingArguments:
 
 @dataclass
 class FederationArguments:
-    strategy: str = field(default="rolora", metadata={"help": "Aggregation strategy: fedit, ffa, rolora, hetlora, lora_fair, flora, fedex."})
+    strategy: str = field(default="rolora", metadata={"help": "Aggregation strategy by name (see the README's strategy table): fedit, ffa, rolora, hetlora, lora_fair, flora, fedex, flexlora, fedsvd, fedsa."})
     num_rounds: int = field(default=5, metadata={"help": "Federated rounds."})
     num_clients: int = field(default=3, metadata={"help": "Clients of the simulated federation (this process is client 0)."})
     local_steps: int = field(default=10, metadata={"help": "Optimizer steps each client takes per round."})
