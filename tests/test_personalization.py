@@ -120,12 +120,14 @@ def test_trainer_federation_keeps_each_clients_part_home_and_publishes_the_share
     with trainer.personalized() as model:
         assert_equal(personal_of(read_tensors(model), keys), ended["alice"], "personalized: alice's part")
         personal_metrics, want = trainer.evaluate(), logits(model)
+        model.save_pretrained(str(tmp_path / "alice-personalized"))  # one plain PEFT adapter of her model
     assert_equal(read_tensors(trainer.model), final.tensors, "after the block: the global round again")
     assert personal_metrics["eval_loss"] != global_metrics["eval_loss"]
     loaded = plain_peft(cfg, store.round_path(2))
     meta = load_personal(loaded, client_folder(trainer.personal_dir, "alice"))
     assert (meta["client_id"], meta["strategy"], meta["round"]) == ("alice", "fedsa", 2)
     torch.testing.assert_close(logits(loaded), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits(plain_peft(cfg, tmp_path / "alice-personalized")), want, rtol=1e-5, atol=1e-5)
 
 
 def fresh_trainer(tmp_path, cfg, client_id, k):
