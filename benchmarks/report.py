@@ -326,6 +326,41 @@ def llm_instruction_tuning(data: dict) -> str:
     return "\n".join(out)
 
 
+def flower(data: dict) -> str:
+    st, GiB = data["settings"], 2**30
+
+    def seconds(value, sign=""):
+        return "n/a" if value is None else f"{value:{sign}.2f}"
+
+    rows = []
+    for r in data["runs"]:
+        engine = "ours (`run_simulation`)" if r["engine"] == "ours" else f"Flower, {r['actors']} actor{'s' if r['actors'] > 1 else ''}"
+        rows.append([r["clients"], engine, f"{r['per_round_s']:.2f}", f"{r['per_round_vs_ours']:.2f}x", seconds(r["outside_train_s"]),
+                     seconds(r.get("overhead_s_per_round"), "+") if r["engine"] == "flower" else "", f"{r['first_round_s']:.1f}",
+                     f"{r['startup_s']:.1f}", f"{r['peak_pss_bytes'] / GiB:.2f}", f"{r['peak_pss_vs_ours']:.2f}x", f"{r['peak_rss_bytes'] / GiB:.2f}"])
+    loaded = data["machine"]["load_average_1min"] > data["machine"]["cpu_count"]
+    return "\n".join([
+        f"The same federation both ways: MiniLM + LoRA r=8 (`{data['strategy']}`), every client in every round, "
+        f"{st['local_steps']} local steps of batch {st['batch_size']} ({st['examples_per_client']} tweets per client), "
+        f"{st['rounds']} rounds, each published to a LocalStore, no evaluation, {st['threads']} torch thread(s) per client. Ours: "
+        f"`run_simulation` in one process; Flower {data['flwr_version']}: its simulation engine (Ray) with `FederatedLoraStrategy` "
+        "and `client_app`, N supernodes served by 1 Ray actor (clients in turn, as ours) or 2 (two at a time). Per round: "
+        "median after the first round of the wall time between two publishes, and of that time outside the clients' "
+        "`Trainer.train()` (their `train_runtime`; clients in turn only): Flower's overhead per round is its excess over ours, "
+        "measured where the training's speed, which swings with the machine's other jobs, does not enter. First round: "
+        "Ray's actors start and the nodes are asked their client ids; start: process start to round 0. Memory: peak of the "
+        "summed PSS (and RSS) over the run's whole process tree, Ray's processes included.",
+        "",
+        table(["clients", "engine", "s / round", "vs ours", "outside train() s / round", "Flower overhead s / round",
+               "first round s", "start s", "peak PSS GiB", "vs ours", "peak RSS GiB"], rows),
+        "",
+        ("Other work shared the CPU during the run (1-minute load average "
+         f"{data['machine']['load_average_1min']} on {data['machine']['cpu_count']} cores when it ended), so the times are "
+         "pessimistic and the wall times noisy; the runs were sequential.") if loaded else
+        "The machine was otherwise idle; the runs were sequential.",
+    ])
+
+
 RENDERERS: dict[str, tuple[str | Callable[[dict], str], Callable[[dict], str]]] = {
     "aggregation": (lambda d: f"Server-side aggregation, {d['dtype']} updates", aggregation),
     "aggregator_start": ("Aggregator start: round 0 without the base weights", aggregator_start),
@@ -334,6 +369,7 @@ RENDERERS: dict[str, tuple[str | Callable[[dict], str], Callable[[dict], str]]] 
     "quality": ("Algorithm quality: federated sentiment with every strategy", quality),
     "digits": ("Algorithm quality: a pretrained MLP fine-tuned on digits", digits),
     "llm_instruction_tuning": ("Federated instruction tuning of an LLM (SmolLM2-135M-Instruct)", llm_instruction_tuning),
+    "flower": ("Flower as the engine: overhead against the in-process simulation", flower),
 }
 
 
