@@ -35,7 +35,7 @@ from tiny import token_dataset, tiny_args, tiny_bert, tiny_config
 
 from peft_federated.flower import FederatedLoraStrategy, client_app, node_client_id
 from peft_federated.flower.records import (
-    config_from_json, config_to_json, from_arrays, read_config, read_round, round_content, to_arrays,
+    CLIENT_ID_ACTION, config_from_json, config_to_json, from_arrays, read_config, read_round, round_content, to_arrays,
 )
 from peft_federated.hub_integration import LocalStore
 from peft_federated.roles import federation_config
@@ -71,7 +71,13 @@ HOSTILE_CONFIG = tiny_config("rolora", num_rounds=len(ATTACKS), max_update_norm=
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
+BUILDS = "PF_TEST_FLOWER_BUILDS"  # a file each model_fn call appends "<pid> <federation>" to
+
+
 def model_fn(config, context):
+    if os.environ.get(BUILDS):
+        with open(os.environ[BUILDS], "a") as f:
+            f.write(f"{os.getpid()} {config.strategy}/{config.num_rounds}/{config.max_update_norm}\n")
     return tiny_bert(config)
 
 
@@ -85,7 +91,7 @@ HONEST = client_app(model_fn, trainer_fn)
 APP = ClientApp()  # honest, except client-3 where the server's train config says "hostile"
 
 
-@APP.query("client_id")
+@APP.query(CLIENT_ID_ACTION)
 def _client_id(msg, context):
     return HONEST(msg, context)
 
@@ -149,6 +155,7 @@ def flower_run(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # Flower rewrites it for its Ray workers; restored after
+        mp.setenv(BUILDS, str(root / "builds.txt"))  # the Ray workers inherit it
         try:
             flower_simulation(server, APP, num_supernodes=4, backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},  # 2 actors on this 2-core machine
@@ -192,6 +199,17 @@ def test_flower_simulation_gives_run_simulations_adapter(flower_run, name, tmp_p
     strategy, result = runs[name]
     assert strategy.state.round == cfg.num_rounds and len(strategy.history) == cfg.num_rounds
     assert [result.train_metrics_clientapp[r]["accepted"] for r in range(1, cfg.num_rounds + 1)] == [3] * cfg.num_rounds
+
+
+@pytest.mark.slow
+def test_one_base_model_per_clientapp_process(flower_run):
+    """A ClientApp process builds the base model once per federation, not once per round or node: each Ray
+    actor serves several supernodes over every round of a federation with one model."""
+    root, runs = flower_run
+    builds = [tuple(line.split()) for line in (root / "builds.txt").read_text().splitlines()]
+    trainings = sum(len(c["contributions"]) + len(c.get("refused", [])) for _, (strategy, _) in runs.items() for c in strategy.history)
+    assert len(builds) == len(set(builds)), builds  # never twice for one federation in one process
+    assert len({pid for pid, _ in builds}) <= 2 and len(builds) <= 2 * len(runs) < trainings  # 2 actors on 2 CPUs
 
 
 @pytest.mark.slow
@@ -351,8 +369,9 @@ def test_example_app_runs_with_flwr_run(tmp_path):
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)
-    BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                             intermediate_size=24, max_position_embeddings=32, num_labels=3)).save_pretrained(tmp_path / "model")
+    tiny = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                      intermediate_size=24, max_position_embeddings=32, num_labels=3)
+    BertForSequenceClassification(tiny).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     home, port = tmp_path / "flwr-home", _free_port()
     home.mkdir()

@@ -17,7 +17,9 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from peft_federated.config import FederatedLoraConfig
-from peft_federated.flower.records import FEDERATION, config_to_json, read_config, read_round, reply_content
+from peft_federated.flower.records import (
+    CLIENT_ID, CLIENT_ID_ACTION, FEDERATION, config_to_json, read_config, read_round, reply_content,
+)
 
 ModelFn = Callable[[FederatedLoraConfig, Context], Any]
 TrainerFn = Callable[[Any, FederatedLoraConfig, Context], Any]
@@ -39,10 +41,10 @@ def client_app(model_fn: ModelFn, trainer_fn: TrainerFn) -> ClientApp:
     """
     app = ClientApp()
 
-    @app.query("client_id")
+    @app.query(CLIENT_ID_ACTION)
     def client_id(msg: Message, context: Context) -> Message:
         trainer = _trainer(model_fn, trainer_fn, read_config(msg.content), context)
-        return Message(RecordDict({FEDERATION: ConfigRecord({"client-id": trainer.client_id})}), reply_to=msg)
+        return Message(RecordDict({FEDERATION: ConfigRecord({CLIENT_ID: trainer.client_id})}), reply_to=msg)
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:

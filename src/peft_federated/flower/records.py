@@ -5,7 +5,7 @@ Server to client (a train or query message):
                   the trained factors, the base change as extra ranks), the bytes `PeftModel.from_pretrained` loads
     "federation"  ConfigRecord: "round", "strategy-state" (JSON) and "config" (the federation's
                   `FederatedLoraConfig` as JSON), so a client always trains with the server's settings
-Client to server (a train reply):
+Client to server (the reply to "query.client_id": ConfigRecord "federation" with "client-id"; a train reply):
     "arrays"      ArrayRecord: exactly the strategy's payload (`ClientRound.payload`)
     "metrics"     MetricRecord: "num-examples" (int, Flower's key) and the Trainer's metrics
     "federation"  ConfigRecord: "round", the round the update was trained from
@@ -34,6 +34,7 @@ from peft_federated.state import GlobalState, from_peft_adapter, to_peft_adapter
 
 ARRAYS, METRICS, FEDERATION = "arrays", "metrics", "federation"
 NUM_EXAMPLES = "num-examples"
+CLIENT_ID_ACTION, CLIENT_ID = "client_id", "client-id"  # the "query.client_id" message, and its reply's key
 NUMPY = "numpy.ndarray"  # Flower's stype for np.save bytes
 RAW = "torch.raw"  # a tensor's bytes as laid out in memory (little-endian), for dtypes numpy has no type for
 _RAW_DTYPES = {"bfloat16": torch.bfloat16}

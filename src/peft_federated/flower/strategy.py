@@ -35,7 +35,7 @@ from flwr.supercore import log
 from peft_federated.aggregator import MAX_REASON, aggregate_round, initialize
 from peft_federated.config import FederatedLoraConfig
 from peft_federated.flower.records import (
-    FEDERATION, config_to_json, from_arrays, read_reply, reply_size, round_content, to_arrays,
+    CLIENT_ID, CLIENT_ID_ACTION, FEDERATION, config_to_json, from_arrays, read_reply, reply_size, round_content, to_arrays,
 )
 from peft_federated.hub_integration.store import (
     LocalStore, RoundStore, check_client_id, check_update_size, update_record,
@@ -45,7 +45,7 @@ from peft_federated.state import GlobalState, from_peft_adapter, to_peft_adapter
 from peft_federated.strategies import get_strategy
 from peft_federated.trainer.simulation import sample_clients
 
-QUERY_CLIENT_ID = f"{MessageType.QUERY}.client_id"
+QUERY_CLIENT_ID = f"{MessageType.QUERY}.{CLIENT_ID_ACTION}"
 
 
 class FederatedLoraStrategy(Strategy):
@@ -56,7 +56,8 @@ class FederatedLoraStrategy(Strategy):
     aggregator publishes it (plain PEFT adapter, federation.json, model card); None keeps rounds in memory.
     `clients`: the registered client ids (others are neither sampled nor accepted); None accepts any.
     `seed`: the client sampling seed (`run_simulation`'s). `min_available_nodes`: nodes to wait for
-    before a round samples (default: the registered clients, else 1). `timeout`: seconds to wait for replies.
+    before a round samples (default: the registered clients, else 1). `timeout`: seconds to wait for the nodes'
+    client ids (train replies: `start(timeout=...)`).
     """
 
     def __init__(self, config: FederatedLoraConfig | str, *, store: RoundStore | str | Path | None = None,
@@ -220,7 +221,7 @@ def _answered_id(reply: Message) -> str:
     if reply.has_error():
         raise ValueError(f"its ClientApp failed to answer its client id ({str(reply.error.reason)[:MAX_REASON]})")
     record = reply.content.config_records.get(FEDERATION)
-    client_id = record.get("client-id") if record is not None else None
+    client_id = record.get(CLIENT_ID) if record is not None else None
     return check_client_id(client_id)
 
 
