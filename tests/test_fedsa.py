@@ -241,3 +241,15 @@ def test_under_dp_only_a_is_clipped_and_noised():
                                    rtol=1e-12, atol=1e-12)
     for k in s.personal_keys(state):
         assert torch.equal(new.tensors[k], state.tensors[k]), k
+
+
+def test_a_client_given_personal_tensors_that_are_not_its_part_is_refused(dtype):
+    s = fedsa()
+    model = make_model(s.config, dtype)
+    state = s.initial_state(model)
+    client_round = s.prepare_client(model, state, "c0")
+    mine = client_round.personal()
+    shared = client_round.payload()
+    for wrong in ({**mine, **shared}, {k: v for k, v in mine.items() if "head" not in k}):
+        with pytest.raises(ValueError, match="not this federation's personal part"):
+            s.prepare_client(model, state, "c0", personal=wrong)

@@ -477,10 +477,9 @@ class Strategy:
         adapter.set_base_delta(model, state.base_delta, self.config.scaling)
         adapter.write_tensors(model, self.client_start(state, client_id, rank))
         if personal:
-            if set(personal) != set(self.personal_keys(state)):
-                wrong = sorted(set(personal) ^ set(self.personal_keys(state)))
-                raise ValueError(f"{self.name}: personal tensors must be exactly {self.personal_keys(state)[:3]}... "
-                                 f"(personal_keys); these differ: {wrong[:3]}.")
+            if (wrong := sorted(set(personal) ^ set(self.personal_keys(state)))):
+                raise ValueError(f"{self.name}: the personal tensors given are not this federation's personal part "
+                                 f"(Strategy.personal_keys); these differ: {wrong[:3]}{' ...' if len(wrong) > 3 else ''}.")
             adapter.write_tensors(model, personal)
         trainable = self.trainable_factors(state.round)
         adapter.set_factor_trainable(model, trainable)

@@ -296,21 +296,18 @@ class FederatedMixin:
         the round is already closed): read on the main process (waiting until the round is
         published), broadcast to the others. `final`: the federation's last round, read whatever
         came after it."""
-        box: list[Any] = [None]
-        if self.is_world_process_zero():
+        def read() -> tuple[Optional[GlobalState], bool]:
             deadline = time.monotonic() + self.round_timeout
             while (latest := self.store.latest_round()) is None or latest < round:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"Round {round} was not published within {self.round_timeout:.0f}s; is the aggregator running?")
                 time.sleep(self.poll_interval)
             if final:
-                box[0] = (self.store.read_round(round)[0], False)
-            else:
-                closed = latest > round  # aggregated without this client (e.g. it was down): rejoin at the latest round
-                box[0] = (None if closed else self.store.read_round(round)[0], closed or self.client_id in self.store.list_updates(round))
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
+                return self.store.read_round(round)[0], False
+            closed = latest > round  # aggregated without this client (e.g. it was down): rejoin at the latest round
+            return None if closed else self.store.read_round(round)[0], closed or self.client_id in self.store.list_updates(round)
+
+        return self._on_main_process(read)
 
 
 class FederatedTrainer(FederatedMixin, Trainer):
