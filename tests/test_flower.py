@@ -27,6 +27,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # Flower reads it when fir
 import numpy as np
 import pytest
 import torch
+from datasets import Dataset
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
@@ -345,6 +346,78 @@ def test_strategy_by_name_and_refusals_of_its_arguments(tmp_path):
     assert FederatedLoraStrategy(cfg, store=tmp_path / "t").initial_arrays().keys() == arrays.keys()  # resumes round 0
     with pytest.raises(ValueError, match="Invalid client id"):
         FederatedLoraStrategy(cfg, clients=["../etc"])
+
+
+def _delivered(content, node: int, message_type: str) -> "Message":
+    """A message as a SuperNode hands it to its ClientApp (metadata set by the runtime)."""
+    from flwr.app import Message, Metadata
+
+    return Message(content, metadata=Metadata(run_id=1, message_id=f"m-{node}-{time.monotonic_ns()}", src_node_id=0, dst_node_id=node,
+                                              reply_to_message_id="", group_id="1", created_at=time.time(), ttl=600,
+                                              message_type=message_type))
+
+
+def test_clientapp_trains_rounds_with_a_trl_trainer_on_one_model(tmp_path):
+    """`client_app` with TRL's SFTTrainer (FederatedSFTTrainer), called as a SuperNode calls it: two nodes,
+    two rounds, one model built for both; each node answers its client id and replies with exactly the
+    payload its trainer's own `train_round` gives from the same state."""
+    from flwr.app import Context
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+    from trl import SFTConfig
+
+    from peft_federated import FederatedLoraConfig
+    from peft_federated.demo import minilm_path
+    from peft_federated.flower import QUERY_CLIENT_ID, client
+    from peft_federated.flower.records import read_reply
+    from peft_federated.trainer.trl import FederatedSFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    tokenizer.eos_token = tokenizer.sep_token
+    cfg = FederatedLoraConfig(strategy="fedex", r=2, lora_alpha=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                              task_type="CAUSAL_LM", num_rounds=2, local_steps=2)
+    texts = {k: Dataset.from_dict({"text": [f"client {k} sentence {i} says hello" for i in range(8 + 4 * k)]}) for k in range(2)}
+    built = []
+
+    def lm(config, context=None):
+        built.append(context.node_id if context is not None else None)
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=64))
+        return get_peft_model(model, config.to_lora_config())
+
+    def sft(model, config, context):
+        k = int(context.node_config["partition-id"])
+        args = SFTConfig(output_dir=str(tmp_path / f"sft-{k}"), per_device_train_batch_size=4, max_length=32, learning_rate=1e-2,
+                         report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True, use_cpu=True)
+        return FederatedSFTTrainer(model=model, args=args, train_dataset=texts[k], processing_class=tokenizer, federated_config=config,
+                                   client_id=node_client_id(context))
+
+    app = client_app(lm, sft)
+    contexts = {node: Context(run_id=1, node_id=node, node_config={"partition-id": node - 1, "num-partitions": 2}, state=RecordDict(),
+                              run_config={}) for node in (1, 2)}
+    try:
+        query = RecordDict({"federation": ConfigRecord({"config": config_to_json(cfg)})})
+        ids = {node: app(_delivered(query, node, QUERY_CLIENT_ID), ctx).content.config_records["federation"]["client-id"]
+               for node, ctx in contexts.items()}
+        assert ids == {1: "client-0", 2: "client-1"}
+        strategy = get_strategy(cfg)
+        state = strategy.initial_state(lm(cfg))
+        for _ in range(cfg.num_rounds):
+            updates = []
+            for node, ctx in contexts.items():
+                reply = app(_delivered(round_content(state, cfg), node, "train"), ctx)
+                payload, fields = read_reply(reply.content)
+                reference = sft(lm(cfg), cfg, ctx)
+                expected, num_samples, _ = reference.train_round(state)
+                assert fields["base_round"] == state.round and fields["num_samples"] == num_samples == len(texts[node - 1])
+                assert payload.keys() == expected.keys()
+                for key in expected:
+                    torch.testing.assert_close(payload[key], expected[key], rtol=0, atol=0)
+                updates.append((ids[node], payload, num_samples))
+            state = strategy.aggregate(state, updates)
+        assert built.count(1) + built.count(2) == 1, built  # the ClientApp's one model, for both nodes and both rounds
+    finally:
+        client._MODEL.clear()
+        client._TRAINERS.clear()
 
 
 # ---- the example app, run with `flwr run` -----------------------------------------------------------------
