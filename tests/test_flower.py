@@ -348,7 +348,7 @@ def test_strategy_by_name_and_refusals_of_its_arguments(tmp_path):
         FederatedLoraStrategy(cfg, clients=["../etc"])
 
 
-def _delivered(content, node: int, message_type: str) -> "Message":
+def _delivered(content, node: int, message_type: str):
     """A message as a SuperNode hands it to its ClientApp (metadata set by the runtime)."""
     from flwr.app import Message, Metadata
 
