@@ -310,6 +310,23 @@ def test_personal_tensors_that_do_not_fit_are_refused_with_the_reason(tmp_path):
 
 
 
+def test_snapshots_keep_the_round_started_from_and_drop_the_rest(tmp_path):
+    s = get_strategy(tiny_config("fedsa"))
+    folder = tmp_path / "alice"
+    part = {"base_model.model.classifier.weight": torch.ones(3, 16)}
+    for r in (3, 7, 9):  # another federation's, later than anything this one has trained
+        write_personal(folder, r, part, s, "alice")
+    assert snapshot_rounds(folder) == [9]
+    (folder / ".personal-left-by-a-kill").mkdir()
+    write_personal(folder, 1, part, s, "alice")  # round 0 trained: only its snapshot is left
+    assert snapshot_rounds(folder) == [1] and not list(folder.glob(".personal-*"))
+    write_personal(folder, 2, part, s, "alice", keep_from=1)
+    write_personal(folder, 5, part, s, "alice", keep_from=2)  # missed rounds 2-3, trained round 4 from round-0002
+    assert snapshot_rounds(folder) == [2, 5]
+    write_personal(folder, 6, {k: 2 * v for k, v in part.items()}, s, "alice", keep_from=5)
+    assert snapshot_rounds(folder) == [5, 6] and torch.equal(read_snapshot(folder, 6)[0]["base_model.model.classifier.weight"], 2 * part["base_model.model.classifier.weight"])
+
+
 # ---- the client role -------------------------------------------------------------------------------
 
 def test_the_client_role_keeps_its_part_in_its_output_folder_across_a_restart(tmp_path, monkeypatch):

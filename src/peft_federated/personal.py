@@ -157,6 +157,8 @@ def write_personal(folder: str | os.PathLike, round: int, tensors: dict[str, Ten
     for other in snapshot_rounds(folder):
         if other > round or (other < round and (keep_from is None or other < keep_from)):
             shutil.rmtree(_snapshot(folder, other), ignore_errors=True)
+    for left in folder.glob(".personal-*"):  # a write killed before its rename
+        shutil.rmtree(left, ignore_errors=True)
     return target
 
 
