@@ -100,7 +100,7 @@ def summarize(results: dict[str, dict]) -> list[dict]:
             if runs:
                 acc = [r["accuracy"][-1] for r in runs]
                 f1 = [r["macro_f1"][-1] for r in runs]
-                rows.append({"method": method, "epsilon": eps, "seeds": len(runs), "start_accuracy": runs[0]["accuracy"][0],
+                rows.append({"method": method, "epsilon": eps, "seeds": len(runs), "start_accuracy": statistics.fmean(r["accuracy"][0] for r in runs),
                              "accuracy_mean": statistics.fmean(acc), "accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
                              "macro_f1_mean": statistics.fmean(f1), "noise_multiplier": runs[0]["noise_multiplier"]})
     return rows

@@ -361,6 +361,52 @@ def flower(data: dict) -> str:
     ])
 
 
+def dp_quality(data: dict) -> str:
+    st, rows = data["settings"], data["summary"]
+    planned, done = data.get("planned_runs", len(data["runs"])), len(data["runs"])
+    out = [
+        f"all-MiniLM-L6-v2 + LoRA r={st['rank']} on query/value, Twitter sentiment ({st['train_examples']} training tweets, "
+        f"{st['eval_examples']} held out), {st['clients']} clients (Dirichlet alpha={st['alpha']}), {st['rounds']} rounds "
+        f"with Poisson sampling of {st['clients_per_round']} expected clients (q = {st['clients_per_round'] / st['clients']:.2f}) "
+        f"x {st['local_steps']} local steps, lr {st['lr']}, uniform weights, clip norm C = {st['clip_norm']}, "
+        f"delta = {st['delta']:g}; sigma calibrated by dp-accounting (RDP) so that the {st['rounds']} rounds spend exactly "
+        "epsilon; epsilon = inf is the same federation clipped but not noised. Head: the quality benchmark's frozen linear "
+        "probe (noised with the rest of each upload). `start`: accuracy before round 1; then the final round's test "
+        "accuracy and macro-F1, mean ± sample std over seeds."
+        + (" (a --quick smoke run: not a result.)" if st.get("quick") else "")
+        + (f" PARTIAL: {done} of the {planned} planned runs (the benchmark resumes where it stopped)." if planned > done else ""),
+        "",
+        table(["method", "epsilon", "sigma", "seeds", "start", "accuracy", "macro-F1"],
+              [[r["method"], "inf" if r["epsilon"] == float("inf") else f"{r['epsilon']:g}", f"{r['noise_multiplier']:.3f}",
+                r["seeds"], f"{r['start_accuracy']:.3f}", _mean_std(r["accuracy_mean"], r["accuracy_std"]),
+                f"{r['macro_f1_mean']:.3f}"] for r in rows]),
+        "",
+        *_ffa_claim(rows),
+    ]
+    return "\n".join(out)
+
+
+def _ffa_claim(rows: list[dict]) -> list[str]:
+    """FFA-LoRA's claim: under DP it loses less accuracy than FedIT. The loss is each method's drop from its own
+    epsilon = inf run; "within the seed spread" when the difference of the drops is below the largest seed std."""
+    by = {(r["method"], r["epsilon"]): r for r in rows}
+    lines = ["FFA-LoRA's claim (it loses less than FedIT under DP), as measured:", ""]
+    for eps in sorted({r["epsilon"] for r in rows if r["epsilon"] != float("inf")}):
+        keys = [(m, e) for m in ("ffa", "fedit") for e in (eps, float("inf"))]
+        if not all(k in by for k in keys):
+            lines.append(f"- epsilon {eps:g}: not all runs measured yet.")
+            continue
+        drop = {m: by[(m, float("inf"))]["accuracy_mean"] - by[(m, eps)]["accuracy_mean"] for m in ("ffa", "fedit")}
+        spread = max(by[k]["accuracy_std"] for k in keys)
+        seeds = min(by[k]["seeds"] for k in keys)
+        gap = drop["fedit"] - drop["ffa"]
+        verdict = ("one seed: no spread to judge by" if seeds < 2 else "holds" if gap > spread
+                   else "does not hold" if -gap > spread else "within the seed spread")
+        lines.append(f"- epsilon {eps:g}: FFA loses {drop['ffa']:.3f} accuracy, FedIT {drop['fedit']:.3f} (difference {gap:+.3f}, "
+                     f"largest seed std {spread:.3f}, seeds: {seeds}): {verdict}.")
+    return lines
+
+
 RENDERERS: dict[str, tuple[str | Callable[[dict], str], Callable[[dict], str]]] = {
     "aggregation": (lambda d: f"Server-side aggregation, {d['dtype']} updates", aggregation),
     "aggregator_start": ("Aggregator start: round 0 without the base weights", aggregator_start),
@@ -369,6 +415,7 @@ RENDERERS: dict[str, tuple[str | Callable[[dict], str], Callable[[dict], str]]] 
     "quality": ("Algorithm quality: federated sentiment with every strategy", quality),
     "digits": ("Algorithm quality: a pretrained MLP fine-tuned on digits", digits),
     "llm_instruction_tuning": ("Federated instruction tuning of an LLM (SmolLM2-135M-Instruct)", llm_instruction_tuning),
+    "dp_quality": ("Quality under client-level differential privacy (fedit, ffa, rolora)", dp_quality),
     "flower": ("Flower as the engine: overhead against the in-process simulation", flower),
 }
 
