@@ -2,8 +2,8 @@
 a ClientApp, in Flower's real simulation engine (Ray backend, 4 supernodes).
 
 One simulation (the module fixture) runs every federation below in turn from one ServerApp, so Ray and
-its actors start once: rolora, hetlora and fedex with the same data, seeds and client sampling as
-`run_simulation` (the contract), then a federation in which client-3 replies with a different hostile
+its actors start once: rolora, hetlora, fedex, flora and ffa with the same data, seeds and client
+sampling as `run_simulation` (the contract; per-client ranks, single factors and base changes), then a federation in which client-3 replies with a different hostile
 update each round. The codec of what travels in the messages is tested without Ray.
 """
 
@@ -49,6 +49,8 @@ CONTRACT = {
     "rolora": tiny_config("rolora", clients_per_round=3),
     "hetlora": tiny_config("hetlora", clients_per_round=3, client_ranks={"client-0": 2, "client-1": 3}),
     "fedex": tiny_config("fedex", clients_per_round=3),
+    "flora": tiny_config("flora", clients_per_round=3, client_ranks={"client-0": 2, "client-2": 1}),
+    "ffa": tiny_config("ffa", clients_per_round=3),
 }
 HOSTILE = "client-3"
 # One attack per round of the hostile federation, and the words its refusal must say.
@@ -195,8 +197,8 @@ def test_flower_simulation_gives_run_simulations_adapter(flower_run, name, tmp_p
             torch.testing.assert_close(a.base_delta[module].dense(), b.base_delta[module].dense(), **TOLERANCE)
     if name == "hetlora":  # the clients' own ranks travelled, and pruned
         assert a.strategy_state["client_ranks"]["client-0"] < 2
-    if name == "fedex":
-        assert a.base_delta, "fedex's rounds carry a base change"
+    if name in ("fedex", "flora"):
+        assert a.base_delta, f"{name}'s rounds carry a base change"
     strategy, result = runs[name]
     assert strategy.state.round == cfg.num_rounds and len(strategy.history) == cfg.num_rounds
     assert [result.train_metrics_clientapp[r]["accepted"] for r in range(1, cfg.num_rounds + 1)] == [3] * cfg.num_rounds
@@ -462,7 +464,7 @@ def test_example_app_runs_with_flwr_run(tmp_path):
             [str(BIN / "flwr"), "run", str(EXAMPLE), "--stream",
              "--federation-config", "num-supernodes=3 client-resources-num-cpus=1 client-resources-num-gpus=0.0 init-args-num-cpus=2",
              "--run-config", f"model='{tmp_path / 'model'}' store-dir='{out}' num-server-rounds=2 clients-per-round=2 "
-             "min-available-nodes=3 local-steps=2 batch-size=4 train-examples=60 eval-examples=20 max-length=16"],
+             "min-available-nodes=3 local-steps=2 batch-size=4 train-examples=60 eval-examples=20 max-length=16 probe-examples=12"],
             env=env, capture_output=True, text=True, timeout=600)
     finally:
         os.killpg(superlink.pid, signal.SIGTERM)  # the SuperLink and the simulation it started
@@ -475,6 +477,8 @@ def test_example_app_runs_with_flwr_run(tmp_path):
     store = LocalStore(out / "store")
     state, meta = store.read_round(2)
     assert len(meta["contributions"]) == 2 and meta["refused"] == []
+    first = store.read_round(0)[0]  # the head the ServerApp fitted as a probe stays frozen in every ClientApp
+    assert state.extra_keys() and all(torch.equal(first.tensors[k], state.tensors[k]) for k in state.extra_keys())
     loaded = PeftModel.from_pretrained(BertForSequenceClassification.from_pretrained(tmp_path / "model"), str(store.round_path(2))).eval()
     cfg = federation_config(store)  # the federation's config, as a store client reads it from round 0
     model = get_peft_model(BertForSequenceClassification.from_pretrained(tmp_path / "model"), cfg.to_lora_config())

@@ -1,5 +1,6 @@
 """The ServerApp: a peft-federated strategy as Flower's Strategy, every round published to a local store
-and scored on the held-out tweets (accuracy, macro-F1)."""
+and scored on the held-out tweets (accuracy, macro-F1). The head starts as a linear probe fitted on a
+labelled seed set the ServerApp holds (`probe-examples`, kept apart from the clients' tweets)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from peft_federated.demo import accuracy_and_f1
+from peft_federated.demo import accuracy_and_f1, sorted_by_length, warm_start
 from peft_federated.flower import FederatedLoraStrategy
 from peft_federated.trainer.simulation import plot_history, write_results
 
@@ -30,9 +31,14 @@ def main(grid: Grid, context: Context) -> None:
 
     model = task.peft_model(config, rc)
     _, test, tokenizer = task.tweets(rc)
+    collator = DataCollatorWithPadding(tokenizer)
+    head = warm_start(model, task.seed_set(rc)[0], collator)  # the head as a linear probe, in round 0
+    if head is not None:
+        log(20, "peft-federated: head fitted as a linear probe on %d tweets (train accuracy %.3f), frozen",
+            head["examples"], head["train_accuracy"])
     evaluator = Trainer(model=model, args=TrainingArguments(output_dir=str(folder / "eval"), per_device_eval_batch_size=64,
                                                             report_to=[], use_cpu=True, disable_tqdm=True),
-                        eval_dataset=test, compute_metrics=accuracy_and_f1, data_collator=DataCollatorWithPadding(tokenizer))
+                        eval_dataset=sorted_by_length(test), compute_metrics=accuracy_and_f1, data_collator=collator)
     history: dict[int, dict] = {}
 
     def evaluate(server_round: int, arrays) -> MetricRecord:

@@ -22,14 +22,21 @@ def model_path(run_config) -> str:
 
 
 def peft_model(config: FederatedLoraConfig, run_config):
-    """The base model with a fresh 3-way head (seeded, the same in every process) and the federation's LoRA."""
+    """The base model with a 3-way head (seeded, the same in every process) and the federation's LoRA. With a
+    seed set (`probe-examples`) the head is frozen: the ServerApp fits it as a linear probe before round 0,
+    every client gets it with round 0, and the clients train the LoRA factors alone (as the demo does)."""
     import torch
     from peft import get_peft_model
     from transformers import AutoModelForSequenceClassification
 
+    from peft_federated.warm_start import head_linear
+
     torch.manual_seed(int(run_config["seed"]))
     base = AutoModelForSequenceClassification.from_pretrained(model_path(run_config), num_labels=3)
-    return get_peft_model(base, config.to_lora_config())
+    model = get_peft_model(base, config.to_lora_config())
+    if int(run_config["probe-examples"]):
+        head_linear(model).requires_grad_(False)
+    return model
 
 
 def _data_key(run_config) -> tuple[int, int, int, int]:
@@ -49,16 +56,27 @@ def tweets(run_config):
     return _tweets(*_data_key(run_config))
 
 
-@lru_cache(maxsize=1)
-def _shards(key: tuple[int, int, int, int], num_partitions: int, alpha: float):
-    from peft_federated.data import dirichlet_partition
+def seed_set(run_config):
+    """(the ServerApp's labelled seed set for the head's warm start, the tweets left for the clients)."""
+    from peft_federated.demo import split_seed_set
 
-    return dirichlet_partition(_tweets(*key)[0], num_partitions, alpha=alpha, label_column="label", seed=key[-1])
+    return split_seed_set(tweets(run_config)[0], int(run_config["probe-examples"]), int(run_config["seed"]))
+
+
+@lru_cache(maxsize=1)
+def _shards(key: tuple[int, int, int, int], probe_examples: int, num_partitions: int, alpha: float):
+    from peft_federated.data import dirichlet_partition
+    from peft_federated.demo import split_seed_set
+
+    pool = split_seed_set(_tweets(*key)[0], probe_examples, key[-1])[1]
+    return dirichlet_partition(pool, num_partitions, alpha=alpha, label_column="label", seed=key[-1])
 
 
 def shard(run_config, partition_id: int, num_partitions: int):
-    """A node's training tweets: its shard of a Dirichlet(alpha) label-skewed split, the same in every process."""
-    return _shards(_data_key(run_config), num_partitions, float(run_config["dirichlet-alpha"]))[partition_id]
+    """A node's training tweets: its shard of a Dirichlet(alpha) label-skewed split of the clients' tweets,
+    the same in every process."""
+    return _shards(_data_key(run_config), int(run_config["probe-examples"]), num_partitions,
+                   float(run_config["dirichlet-alpha"]))[partition_id]
 
 
 def store_dir(run_config, run_id: int) -> Path:
