@@ -407,6 +407,39 @@ def _ffa_claim(rows: list[dict]) -> list[str]:
     return lines
 
 
+def demo_reference(data: dict) -> str:
+    d, fed, runs = data["demo_settings"], data.get("demo"), data["runs"]
+    steps = runs[0]["settings"]["steps"] if runs else None
+    out = [
+        f"`peft-federated demo` with its defaults: {d['num_clients']} clients (Dirichlet alpha={d['alpha']}), `{d['strategy']}`, "
+        f"{d['num_rounds']} rounds of {d['clients_per_round']} clients x {d['local_steps']} local steps ({steps} optimizer steps "
+        f"in all), batch {d['batch_size']}, lr {d['learning_rate']} (cosine over the federation), LoRA r={d['rank']} on query/value; "
+        f"the head a linear probe on {d['probe_examples']} seed tweets kept apart from the clients, "
+        f"{'frozen' if d['freeze_head'] else 'trained on'}. Centralized: a plain `Trainer` on the clients' tweets pooled "
+        "(the same head, LoRA, batch, learning rate and schedule) for the same number of optimizer steps.",
+        "",
+    ]
+    rows = []
+    if fed:
+        rows += [["majority class", f"{fed['majority_class_rate']:.3f}", ""],
+                 ["before federation (the probe head)", f"{fed['accuracy_before']:.3f}", f"{fed['macro_f1_per_round'][0]:.3f}"],
+                 [f"federated, round {d['num_rounds']}", f"**{fed['final_accuracy']:.3f}**", f"**{fed['final_macro_f1']:.3f}**"]]
+    rows += [[f"centralized LoRA, {r['settings']['steps']} steps (seed {r['settings']['seed']})", f"{r['final_accuracy']:.3f}",
+              f"{r['final_macro_f1']:.3f}"] for r in runs]
+    out += [table(["model", "held-out accuracy", "macro-F1"], rows), ""]
+    if fed:
+        central = next((r for r in runs if r["settings"]["seed"] == d["seed"]), None)
+        if central:
+            gap = fed["final_accuracy"] - central["final_accuracy"]
+            out += [f"Federated - centralized accuracy: {gap:+.3f} (target: within 0.05, {met(gap >= -0.05)}); "
+                    f"macro-F1 {fed['final_macro_f1']:.3f} (target: at least 0.60, {met(fed['final_macro_f1'] >= 0.60)}).", ""]
+        out += ["Accuracy per round: " + ", ".join(f"{a:.3f}" for a in fed["accuracy_per_round"]) + ".", ""]
+        busy = fed["load_average_1min_after"] > data["machine"]["cpu_count"]
+        out += [f"The demo took {fed['seconds'] / 60:.1f} min (1-minute load average {fed['load_average_1min_after']} at its end "
+                f"on {data['machine']['cpu_count']} cores" + ("; other work shared the CPU, so the time is pessimistic)." if busy else ").")]
+    return "\n".join(out)
+
+
 RENDERERS: dict[str, tuple[str | Callable[[dict], str], Callable[[dict], str]]] = {
     "aggregation": (lambda d: f"Server-side aggregation, {d['dtype']} updates", aggregation),
     "aggregator_start": ("Aggregator start: round 0 without the base weights", aggregator_start),
