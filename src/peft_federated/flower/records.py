@@ -21,6 +21,7 @@ import dataclasses
 import io
 import json
 import math
+import threading
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,8 @@ from torch import Tensor
 
 from peft_federated.config import FederatedLoraConfig
 from peft_federated.state import GlobalState, from_peft_adapter, to_peft_adapter
+
+_HEADER_LOCK = threading.Lock()  # see `_tensor`: one .npy header parsed at a time
 
 ARRAYS, METRICS, FEDERATION = "arrays", "metrics", "federation"
 NUM_EXAMPLES = "num-examples"
@@ -85,7 +88,8 @@ def _tensor(array: Array) -> Tensor:
     try:
         version = npy.read_magic(buffer)
         read_header = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}[version]
-        shape, fortran, dtype = read_header(buffer)
+        with _HEADER_LOCK:  # numpy parses the header with ast.literal_eval, which CPython 3.11 breaks across threads
+            shape, fortran, dtype = read_header(buffer)
     except Exception as err:  # not .npy bytes, a pickle, a truncated or malformed header, another format version
         raise ValueError(f"is not a numpy array's bytes ({type(err).__name__}: {str(err)[:200]})") from None
     if dtype.kind not in _NUMPY_KINDS or dtype.fields is not None or dtype.subdtype is not None:
