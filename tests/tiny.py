@@ -16,13 +16,17 @@ from peft_federated import FederatedLoraConfig
 VOCAB, SEQ, LABELS = 40, 8, 3
 
 
-def tiny_bert(config: FederatedLoraConfig, seed: int = 0):
+def tiny_base(seed: int = 0) -> BertForSequenceClassification:
+    """The tiny random BERT classifier without LoRA (seeded)."""
     torch.manual_seed(seed)
-    bert = BertForSequenceClassification(
+    return BertForSequenceClassification(
         BertConfig(vocab_size=VOCAB, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                    intermediate_size=24, num_labels=LABELS, max_position_embeddings=SEQ + 2)
     )
-    return get_peft_model(bert, config.to_lora_config())
+
+
+def tiny_bert(config: FederatedLoraConfig, seed: int = 0):
+    return get_peft_model(tiny_base(seed), config.to_lora_config())
 
 
 def tiny_config(strategy: str = "rolora", **kw) -> FederatedLoraConfig:

@@ -33,6 +33,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     demo.add_argument("--eval-examples", type=int, default=d["eval_examples"], help="Held-out tweets evaluated after every round.")
     demo.add_argument("--probe-examples", type=int, default=d["probe_examples"],
                       help="Labelled tweets kept at the aggregator to fit the head as a linear probe before round 0 (0: a fresh head).")
+    demo.add_argument("--logit-adjustment", type=float, default=d["logit_adjustment"], metavar="TAU",
+                      help="Clients train on logits + TAU * log(their own label frequencies) (label skew); 0 turns it off.")
     demo.add_argument("--train-head", action="store_true", help="Let the clients train the probe head too (default: frozen).")
     demo.add_argument("--seed", type=int, default=d["seed"], help="Seeds the data split, partition, client sampling and training.")
     demo.add_argument("--no-progress", action="store_true", help="No progress bar (round results still print).")
@@ -45,6 +47,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             num_rounds=args.rounds, clients_per_round=args.clients_per_round, local_steps=args.local_steps,
             rank=args.rank, learning_rate=args.lr, train_examples=args.train_examples,
             eval_examples=args.eval_examples, probe_examples=args.probe_examples, freeze_head=not args.train_head,
+            logit_adjustment=args.logit_adjustment or None,
             seed=args.seed, progress=not args.no_progress,
         )
         print(json.dumps(summary, indent=2))
@@ -82,6 +85,8 @@ def _add_role_parsers(sub) -> None:
     agg.add_argument("--target-modules", required=True, help="Comma-separated module names, e.g. query,value.")
     agg.add_argument("--local-steps", type=int, default=10, help="Optimizer steps each client takes per round.")
     agg.add_argument("--weighting", default="samples", choices=["samples", "uniform"])
+    agg.add_argument("--logit-adjustment", type=float, default=None, metavar="TAU",
+                     help="Classification under label skew: clients train on logits + TAU * log(their own label frequencies).")
     agg.add_argument("--init-seed", type=int, default=0)
     agg.add_argument("--client-rank", action="append", default=[], metavar="ID=RANK", help="hetlora/flora: a client's rank (repeatable).")
     agg.add_argument("--quorum", type=int, default=None, help="Updates that close a round (default: every client).")
@@ -172,6 +177,7 @@ def _run_role(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             strategy=args.strategy, num_rounds=args.rounds, r=args.rank, lora_alpha=2 * args.rank if args.lora_alpha is None else args.lora_alpha,
             lora_dropout=args.lora_dropout, target_modules=[m.strip() for m in args.target_modules.split(",")],
             task_type=args.task_type, local_steps=args.local_steps, weighting=args.weighting, init_seed=args.init_seed,
+            logit_adjustment=args.logit_adjustment,
             client_ranks={k: int(v) for k, v in _pairs(parser, args.client_rank, "--client-rank").items()} or None,
             base_model_name_or_path=args.base_model_id or args.model, max_update_norm=args.max_update_norm,
             clip_updates=args.clip_updates, norm_outlier_factor=args.norm_outlier_factor, max_update_bytes=args.max_update_bytes,

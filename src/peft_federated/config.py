@@ -53,6 +53,16 @@ class FederatedLoraConfig(LoraConfig):
         default="samples",
         metadata={"help": "Aggregation weight of a client: 'samples' (its number of training examples) or 'uniform'."},
     )
+    logit_adjustment: Optional[float] = field(
+        default=None,
+        metadata={
+            "help": "Classification under label skew: each client trains on logits + tau * log(its own label "
+            "frequencies, add-one smoothed) instead of the logits (logit adjustment, as in FedLC), so a client "
+            "with few classes does not learn its label prior into the shared adapter. tau > 0 (1.0 is the "
+            "usual value); None: off. Evaluation, the uploads and the published model are unchanged; the "
+            "frequencies never leave the client."
+        },
+    )
     init_seed: int = field(
         default=0,
         metadata={
@@ -210,6 +220,9 @@ class FederatedLoraConfig(LoraConfig):
                     f"client_ranks[{client!r}] = {rank!r} must be an integer in [1, r={self.r}]: the global adapter "
                     "has rank r and each client trains a truncation of it. Raise r or lower the client's rank."
                 )
+        tau = self.logit_adjustment
+        if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < float("inf")):
+            raise ValueError(f"logit_adjustment (tau) must be a positive finite number or None (off), got {tau!r}.")
         if not 0.0 < self.hetlora_gamma <= 1.0:
             raise ValueError(f"hetlora_gamma must be in (0, 1], got {self.hetlora_gamma}.")
         if not 1 <= self.hetlora_min_rank <= self.r:

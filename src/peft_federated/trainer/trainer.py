@@ -17,6 +17,8 @@ Choices, documented:
   its `round`), and it returns a `TrainOutput`. When it returns, the model holds the federation's
   final global round, so `evaluate()`, `save_model()` and `push_to_hub()` act on the federation's
   model (saved as the plain PEFT adapter the store publishes, base change included).
+- `logit_adjustment` (label skew): in training only, the loss is the cross-entropy of the logits plus
+  tau * log(the client's own label frequencies); evaluation and `prediction_step` see the plain model.
 - Personalized strategies (`Strategy.personalized`: FedSA-LoRA keeps lora_B and the head): each round
   starts from the client's own personal tensors, read from `personal_dir` (default
   `args.output_dir/personal`, one folder per client id), and writes them back there after training,
@@ -216,7 +218,11 @@ class FederatedMixin:
         return result
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        tau = self.federated_config.logit_adjustment
+        if tau is not None and model.training and "labels" in inputs:
+            result = self._logit_adjusted_loss(model, inputs, tau, return_outputs)
+        else:
+            result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
         reg = self.client_round.regularizer() if self.client_round is not None else None
         if reg is None:
             return result
@@ -224,6 +230,42 @@ class FederatedMixin:
             loss, outputs = result
             return loss + reg.to(loss.device, loss.dtype), outputs
         return result + reg.to(result.device, result.dtype)
+
+    def _logit_adjusted_loss(self, model, inputs, tau: float, return_outputs: bool):
+        """Cross-entropy of logits + tau * log(this client's label frequencies) (`logit_adjustment`)."""
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            raise ValueError("logit_adjustment computes the classification loss itself: it cannot be combined with "
+                             "label_smoothing_factor or compute_loss_func. Turn one of them off.")
+        labels = inputs["labels"]
+        outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
+        logits = outputs["logits"]
+        if logits.dim() != 2 or labels.dim() != 1 or labels.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"logit_adjustment is for single-label classification (logits [batch, classes], integer "
+                             f"labels [batch]); got logits {tuple(logits.shape)} and labels {tuple(labels.shape)} "
+                             f"{labels.dtype}. Set logit_adjustment=None for this task.")
+        prior = self._label_log_prior(logits.shape[-1]).to(logits.device, logits.dtype)
+        loss = torch.nn.functional.cross_entropy(logits + tau * prior, labels)
+        return (loss, outputs) if return_outputs else loss
+
+    def _label_log_prior(self, num_labels: int) -> torch.Tensor:
+        """log of this client's label frequencies, add-one smoothed, from its training set (cached per dataset)."""
+        dataset = self.train_dataset
+        cached = getattr(self, "_label_prior_cache", None)
+        if cached is not None and cached[0] is dataset and cached[1].numel() == num_labels:
+            return cached[1]
+        column = next((c for c in ("labels", "label") if c in (getattr(dataset, "column_names", None) or ())), None)
+        if column is None:
+            raise ValueError("logit_adjustment needs the client's label frequencies: its training set must be a "
+                             "datasets.Dataset with a 'label' or 'labels' column.")
+        labels = torch.as_tensor(dataset[column], dtype=torch.int64).flatten()
+        if labels.numel() and labels.min() < 0:
+            raise ValueError(f"The client's '{column}' column holds a negative label ({int(labels.min())}).")
+        counts = torch.bincount(labels, minlength=num_labels)
+        if counts.numel() != num_labels:
+            raise ValueError(f"The client's labels go up to {counts.numel() - 1} but the model has {num_labels} classes.")
+        prior = ((counts.double() + 1) / (counts.sum() + num_labels)).log().float()
+        self._label_prior_cache = (dataset, prior)
+        return prior
 
     def create_scheduler(self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None):
         if not self.federated_config.schedule_across_rounds or self.lr_scheduler is not None:
