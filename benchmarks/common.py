@@ -97,6 +97,29 @@ def emit(result: dict[str, Any]) -> None:
     print(json.dumps(result), flush=True)
 
 
+def run_pool(ready, key, workers: int, initializer, initargs: tuple, fn, on_result) -> None:
+    """Run `fn(item)` in `workers` spawned processes (each set up once by `initializer(*initargs)`) for
+    every item `ready()` returns, calling `on_result(result)` here as each one finishes. `ready()` is
+    asked again after each result, so items may depend on earlier results; an item whose `key(item)`
+    was handed out before is not run again."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    handed_out: set = set()
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=initializer, initargs=initargs) as pool:
+        running: set = set()
+        while True:
+            for item in [i for i in ready() if key(i) not in handed_out][: max(0, workers - len(running))]:
+                handed_out.add(key(item))
+                running.add(pool.submit(fn, item))
+            if not running:
+                return
+            done, running = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                on_result(future.result())
+
+
 def pyplot():
     """matplotlib's pyplot with a file-only backend."""
     import matplotlib

@@ -25,16 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, pyplot, save_figure, write_json  # noqa: E402
+from common import RESULTS, pyplot, run_pool, save_figure, write_json  # noqa: E402
 
 METHODS = ["fedit", "ffa", "rolora"]
 EPSILONS = [1.0, 4.0, 8.0, math.inf]
@@ -174,23 +172,24 @@ def main() -> None:
         return save(command=saved.get("command"))
     todo = [run for run in grid if key(run) not in results]
     print(f"{len(grid) - len(todo)} of {len(grid)} runs already saved; {len(todo)} to go on {args.workers} worker(s)", flush=True)
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
-                             initargs=(args,)) as pool:
-        for future in as_completed([pool.submit(_run_in_worker, run, args) for run in todo]):
-            r = future.result()
-            results[key(r)] = r
-            print(f"[{len(results)}/{len(grid)}] {key(r)}: sigma {r['noise_multiplier']:.3f}, accuracy {r['accuracy'][-1]:.3f} "
-                  f"macro-F1 {r['macro_f1'][-1]:.3f} ({r['seconds']:.0f} s)", flush=True)
-            save()
+
+    def done(r: dict) -> None:
+        results[key(r)] = r
+        print(f"[{len(results)}/{len(grid)}] {key(r)}: sigma {r['noise_multiplier']:.3f}, accuracy {r['accuracy'][-1]:.3f} "
+              f"macro-F1 {r['macro_f1'][-1]:.3f} ({r['seconds']:.0f} s)", flush=True)
+        save()
+
+    run_pool(lambda: todo, key, args.workers, _start_worker, (args,), _run_in_worker, done)
     if not todo:
         save()
 
 
-_DATA = None
+_DATA = _ARGS = None
 
 
 def _start_worker(args) -> None:
-    global _DATA
+    global _DATA, _ARGS
+    _ARGS = args
     import torch
 
     from peft_federated.demo import sentiment_data
@@ -199,9 +198,9 @@ def _start_worker(args) -> None:
     _DATA = sentiment_data(args.train_examples, args.eval_examples)
 
 
-def _run_in_worker(run: dict, args) -> dict:
+def _run_in_worker(run: dict) -> dict:
     start = time.time()
-    return {**run_one(run, args, _DATA), "seconds": time.time() - start}
+    return {**run_one(run, _ARGS, _DATA), "seconds": time.time() - start}
 
 
 if __name__ == "__main__":

@@ -26,16 +26,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, pyplot, save_figure, write_json  # noqa: E402
+from common import RESULTS, pyplot, run_pool, save_figure, write_json  # noqa: E402
 
 METHODS = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
 LAST_ROUNDS = 5  # the summary's steadier accuracy: averaged over this many final rounds
@@ -251,25 +249,25 @@ def main() -> None:
         return save(command=saved.get("command"))
     todo = [run for run in grid if key(run) not in results]
     print(f"{len(grid) - len(todo)} of {len(grid)} runs already saved; {len(todo)} to go on {args.workers} worker(s)", flush=True)
-    context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(args.workers, mp_context=context, initializer=_start_worker, initargs=(args,)) as pool:
-        futures = [pool.submit(_run_in_worker, run, args) for run in todo]
-        for future in as_completed(futures):
-            r = future.result()
-            results[key(r)] = r
-            print(f"[{len(results)}/{len(grid)}] {key(r)}: accuracy {r['accuracy'][-1]:.3f} macro-F1 {r['macro_f1'][-1]:.3f} "
-                  f"({r['seconds']:.0f} s)", flush=True)
-            save()
+
+    def done(r: dict) -> None:
+        results[key(r)] = r
+        print(f"[{len(results)}/{len(grid)}] {key(r)}: accuracy {r['accuracy'][-1]:.3f} macro-F1 {r['macro_f1'][-1]:.3f} "
+              f"({r['seconds']:.0f} s)", flush=True)
+        save()
+
+    run_pool(lambda: todo, key, args.workers, _start_worker, (args,), _run_in_worker, done)
     if not todo:
         save()
 
 
-_DATA = None
+_DATA = _ARGS = None
 
 
 def _start_worker(args) -> None:
     """A worker process: one torch thread, the tokenized data loaded once."""
-    global _DATA
+    global _DATA, _ARGS
+    _ARGS = args
     import torch
 
     from peft_federated.demo import sentiment_data
@@ -278,9 +276,9 @@ def _start_worker(args) -> None:
     _DATA = sentiment_data(args.train_examples, args.eval_examples)
 
 
-def _run_in_worker(run: dict, args) -> dict:
+def _run_in_worker(run: dict) -> dict:
     start = time.time()
-    return {**run_one(run, args, _DATA), "seconds": time.time() - start}
+    return {**run_one(run, _ARGS, _DATA), "seconds": time.time() - start}
 
 if __name__ == "__main__":
     main()

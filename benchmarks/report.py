@@ -238,6 +238,113 @@ def _rolora_claim(summary: list[dict], clients: int, metric: str, measure: str) 
     return lines
 
 
+# Each paper's claim in the comparison: (setting, method, against, metric, kind, the claim in words).
+# kind "above": the method beats the other by more than the seed spread; "close": within max(0.01, spread).
+CLAIMS = [
+    ("many_clients", "rolora", "fedit", "accuracy", "above", "RoLoRA beats FedIT with many skewed clients at rank 2"),
+    ("many_clients", "rolora", "ffa", "accuracy", "above", "RoLoRA beats FFA-LoRA with many skewed clients at rank 2"),
+    ("few_clients", "rolora", "fedit", "accuracy", "close", "with 3 clients RoLoRA and FedIT are within about a point"),
+    ("headline", "ffa", "fedit", "accuracy", "close", "FFA-LoRA matches FedIT with half the upload"),
+    ("headline", "fedex", "fedit", "accuracy", "above", "FedEx-LoRA's exact aggregation beats FedIT"),
+    ("headline", "flora", "fedit", "accuracy", "above", "FLoRA's stacking beats FedIT"),
+    ("headline", "lora_fair", "fedit", "accuracy", "above", "LoRA-FAIR's server refinement beats FedIT"),
+    ("headline", "flexlora", "hetlora", "accuracy", "above", "FlexLoRA beats HetLoRA on the same mixed ranks"),
+    ("headline", "fedsvd", "ffa", "accuracy", "above", "FedSVD's re-factored A beats FFA-LoRA's frozen A"),
+    ("headline", "fedsa", "fedit", "personal_vs_client", "above",
+     "FedSA-LoRA's personalized models beat FedIT's global model on each client's own test split"),
+]
+
+
+def comparison(data: dict) -> str:
+    st, runs, rows = data["settings"], data["runs"], data["summary"]
+    grid = data["setting_grid"]
+    groups = {(r["setting"], r["method"]) for r in runs.values()}
+    out = [
+        f"all-MiniLM-L6-v2 + LoRA on query/value, Twitter sentiment ({st['train_examples']} tweets; {st['probe_examples']} "
+        f"for the frozen linear-probe head, {st['val_examples']} for validation, the rest to the clients, each keeping 20% "
+        f"(at most {st['client_test_max']}) as its own test split; {st['eval_examples']} test tweets). Every federation: "
+        f"{st['rounds']} rounds of {st['clients_per_round']} clients x {st['local_steps']} local steps (3 clients: all of "
+        "them, the same steps per round), AdamW with cosine over the federation"
+        + (f", clients with logit adjustment tau = {st['logit_adjustment']:g}" if st.get("logit_adjustment") else ", plain logits")
+        + f". Each method's learning rate is chosen from {', '.join(f'{x:g}' for x in st['lrs'])} by validation accuracy "
+        f"(mean of the last 3 rounds, seed 0), then {st['seeds']} seeds run at it. Centralized LoRA: a plain Trainer on the "
+        "pooled client data, the same optimizer steps, tuned the same way. `start`: before round 1. Test figures at the "
+        "last round, mean ± sample std over seeds; `clients`: the global model's mean accuracy over the clients' own "
+        "splits (worst client in brackets); `personal`: each client's personalized model on its split (fedsa).",
+        "",
+    ]
+    for setting, sp in grid.items():
+        mine = [r for r in rows if r["setting"] == setting]
+        started = sorted(m for (s_, m) in groups if s_ == setting)
+        if not mine and not started:
+            continue
+        out += [f"**{setting}** (Dirichlet alpha {sp['alpha']}, rank {sp['rank']}, {sp['clients']} clients)", ""]
+        if mine:
+            out.append(table(
+                ["method", "lr", "validation by lr", "seeds", "start", "accuracy", "last 3 rounds", "macro-F1", "clients", "personal"],
+                [[r["method"], f"{r['lr']:g}", ", ".join(f"{k}: {v:.3f}" for k, v in r["val_by_lr"].items()), r["seeds"],
+                  f"{r['start_accuracy']:.3f}", _mean_std(r["accuracy_mean"], r["accuracy_std"]),
+                  _mean_std(r["accuracy_last_mean"], r["accuracy_last_std"]), _mean_std(r["macro_f1_mean"], r["macro_f1_std"]),
+                  f"{r['client_accuracy_mean']:.3f} ({r['client_worst_mean']:.3f})" if "client_accuracy_mean" in r else "",
+                  f"{r['personal_accuracy_mean']:.3f} ({r['personal_worst_mean']:.3f})" if "personal_accuracy_mean" in r else ""]
+                 for r in mine]))
+        tuning = [r for r in runs.values() if r["setting"] == setting and r["method"] not in {x["method"] for x in mine}]
+        if tuning:
+            out += ["", "Tuning still in progress (seed 0; validation accuracy, test accuracy at the last round):", "",
+                    table(["method", "lr", "validation", "start", "accuracy"],
+                          [[r["method"], f"{r['lr']:g}", f"{statistics.fmean(r['val_accuracy']):.3f}", f"{r['accuracy'][0]:.3f}",
+                            f"{r['accuracy'][-1]:.3f}"] for r in sorted(tuning, key=lambda r: (r["method"], r["lr"]))])]
+        out.append("")
+    out += _federation_gains(rows) + [""] + _verdicts(rows)
+    return "\n".join(out)
+
+
+def _federation_gains(rows: list[dict]) -> list[str]:
+    head = [r for r in rows if r["setting"] == "headline"]
+    fed = [r for r in head if r["method"] not in ("centralized", "fedsa")]  # fedsa's global model is its start (B = 0)
+    central = next((r for r in head if r["method"] == "centralized"), None)
+    if not fed:
+        return ["Federation gains (headline setting): no method tuned yet."]
+    best = max(fed, key=lambda r: r["accuracy_mean"])
+    line = (f"Federation gains (headline setting): the best federated method, {best['method']}, ends at "
+            f"{best['accuracy_mean']:.3f} from a start of {best['start_accuracy']:.3f} ({best['accuracy_mean'] - best['start_accuracy']:+.3f}, "
+            f"{best['seeds']} seeds)")
+    if central is not None:
+        line += f"; centralized LoRA {central['accuracy_mean']:.3f}, a gap of {central['accuracy_mean'] - best['accuracy_mean']:.3f}"
+    return [line + "."]
+
+
+def _verdicts(rows: list[dict]) -> list[str]:
+    """Each claim: reproduced, not reproduced, or within noise, judged against the larger seed std."""
+    by = {(r["setting"], r["method"]): r for r in rows}
+    lines = ["Paper claims, as measured (test accuracy at the last round, mean over seeds; noise = the larger seed std):", ""]
+    for setting, method, other, metric, kind, claim in CLAIMS:
+        a, b = by.get((setting, method)), by.get((setting, other))
+        if a is None or b is None:
+            lines.append(f"- {claim} ({setting}): not measured yet.")
+            continue
+        if metric == "personal_vs_client":
+            x, y = a.get("personal_accuracy_mean"), b.get("client_accuracy_mean")
+            sx, sy = a.get("personal_accuracy_std"), b.get("client_accuracy_std")
+        else:
+            x, y, sx, sy = a[f"{metric}_mean"], b[f"{metric}_mean"], a[f"{metric}_std"], b[f"{metric}_std"]
+        if x is None or y is None:
+            lines.append(f"- {claim} ({setting}): not measured yet.")
+            continue
+        seeds = min(a["seeds"], b["seeds"])
+        noise = max(sx or 0.0, sy or 0.0)
+        gap = x - y
+        if seeds < 2:
+            verdict = "one seed: no spread to judge by"
+        elif kind == "close":
+            verdict = "reproduced" if abs(gap) <= max(0.01, noise) else "not reproduced"
+        else:
+            verdict = "reproduced" if gap > noise else "not reproduced" if gap < -noise else "within noise"
+        lines.append(f"- {claim} ({setting}): {method} {x:.3f} vs {other} {y:.3f} ({gap:+.3f}; noise {noise:.3f}, "
+                     f"{seeds} seeds): **{verdict}**.")
+    return lines
+
+
 def digits(data: dict) -> str:
     st = data["settings"]
     pre = data["pretrained_on_0_4_accuracy_all_digits"]
@@ -415,7 +522,9 @@ def demo_reference(data: dict) -> str:
         f"{d['num_rounds']} rounds of {d['clients_per_round']} clients x {d['local_steps']} local steps ({steps} optimizer steps "
         f"in all), batch {d['batch_size']}, lr {d['learning_rate']} (cosine over the federation), LoRA r={d['rank']} on query/value; "
         f"the head a linear probe on {d['probe_examples']} seed tweets kept apart from the clients, "
-        f"{'frozen' if d['freeze_head'] else 'trained on'}. Centralized: a plain `Trainer` on the clients' tweets pooled "
+        f"{'frozen' if d['freeze_head'] else 'trained on'}"
+        + (f"; the clients train with logit adjustment tau = {d['logit_adjustment']:g}" if d.get("logit_adjustment") else "")
+        + ". Centralized: a plain `Trainer` on the clients' tweets pooled "
         "(the same head, LoRA, batch, learning rate and schedule) for the same number of optimizer steps.",
         "",
     ]
@@ -449,6 +558,9 @@ RENDERERS: dict[str, tuple[str | Callable[[dict], str], Callable[[dict], str]]] 
     "digits": ("Algorithm quality: a pretrained MLP fine-tuned on digits", digits),
     "llm_instruction_tuning": ("Federated instruction tuning of an LLM (SmolLM2-135M-Instruct)", llm_instruction_tuning),
     "dp_quality": ("Quality under client-level differential privacy (fedit, ffa, rolora)", dp_quality),
+    "comparison": (lambda d: "A fair comparison: every strategy with its learning rate tuned"
+                   + ("" if d["settings"].get("logit_adjustment") else " (plain logits, no logit adjustment)"), comparison),
+    "demo_reference": ("The main job (`peft-federated demo`) against centralized LoRA", demo_reference),
     "flower": ("Flower as the engine: overhead against the in-process simulation", flower),
 }
 
