@@ -112,6 +112,7 @@ class FederationArguments:
     lora_alpha: Optional[float] = field(default=None, metadata={"help": "LoRA alpha (default: 2 * rank)."})
     target_modules: str = field(default="query,value", metadata={"help": "Comma-separated modules that get LoRA."})
     dirichlet_alpha: float = field(default=0.5, metadata={"help": "Label skew of the clients' shards (smaller: more skewed)."})
+    logit_adjustment: Optional[float] = field(default=None, metadata={"help": "Clients train on logits + tau * log(their label frequencies) (label skew; e.g. 1.0)."})
     federation_dir: Optional[str] = field(default=None, metadata={"help": "The store folder (default: <output_dir>/federation)."})
     run_aggregator: bool = field(default=True, metadata={"help": "Also run the aggregator and clients 1..N-1 (False: join a federation)."})
     client_index: Optional[int] = field(default=None, metadata={"help": "Train shard k of num_clients (default: 0 when simulating, else all data)."})
@@ -246,7 +247,8 @@ def main():
         federated_config = FederatedLoraConfig(
             strategy=fed_args.strategy, num_rounds=fed_args.num_rounds, local_steps=fed_args.local_steps, r=fed_args.lora_rank,
             lora_alpha=fed_args.lora_alpha or 2 * fed_args.lora_rank, target_modules=fed_args.target_modules.split(","),
-            task_type="SEQ_CLS", base_model_name_or_path=model_args.model_name_or_path)
+            task_type="SEQ_CLS", base_model_name_or_path=model_args.model_name_or_path,
+            logit_adjustment=fed_args.logit_adjustment)
     else:
         federated_config = federation_config(store, timeout=fed_args.round_timeout, poll_interval=0.2)
     model = get_peft_model(model, federated_config.to_lora_config())

@@ -59,7 +59,8 @@ def script_args(assets: dict[str, Path], out: Path, rounds: int = 2) -> list[str
             "--validation_file", str(assets["validation"]), "--output_dir", str(out), "--do_train", "--do_eval",
             "--max_seq_length", str(SEQ), "--per_device_train_batch_size", "8", "--learning_rate", "5e-3", "--use_cpu",
             "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "True", "--strategy", "fedex",
-            "--num_clients", "2", "--num_rounds", str(rounds), "--local_steps", "2", "--lora_rank", "2", "--round_timeout", "240"]
+            "--num_clients", "2", "--num_rounds", str(rounds), "--local_steps", "2", "--lora_rank", "2", "--round_timeout", "240",
+            "--logit_adjustment", "1.0"]
 
 
 def run(cmd: list[str], timeout: float = 300) -> subprocess.CompletedProcess:

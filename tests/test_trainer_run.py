@@ -92,6 +92,19 @@ def test_run_simulation_leaves_the_final_global_model_in_the_model(tmp_path):
         torch.testing.assert_close(tensors[key], value, rtol=0, atol=0)
 
 
+def test_run_simulation_evaluates_every_eval_every_rounds_and_the_last(tmp_path):
+    cfg = tiny_config("fedit", num_rounds=5, clients_per_round=2, local_steps=1)
+    data = {f"c{k}": token_dataset(20, k) for k in range(2)}
+    calls = []
+    res = run_simulation(tiny_bert(cfg), cfg, data, tiny_args(tmp_path), tmp_path / "store", progress=False, eval_every=2,
+                         evaluate_fn=lambda m: calls.append(1) or {"score": float(len(calls))})
+    assert [h["round"] for h in res.history if h["metrics"]] == [0, 2, 4, 5] and len(calls) == 4
+    assert res.final_metrics == {"score": 4.0}
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="eval_every"):
+            run_simulation(tiny_bert(cfg), cfg, data, tiny_args(tmp_path), tmp_path / "other", progress=False, eval_every=bad)
+
+
 def test_trainers_and_stores_are_exported_at_the_top_level():
     import peft_federated
     from peft_federated.trainer.trl import FederatedDPOTrainer, FederatedSFTTrainer

@@ -35,6 +35,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                       help="Labelled tweets kept at the aggregator to fit the head as a linear probe before round 0 (0: a fresh head).")
     demo.add_argument("--logit-adjustment", type=float, default=d["logit_adjustment"], metavar="TAU",
                       help="Clients train on logits + TAU * log(their own label frequencies) (label skew); 0 turns it off.")
+    demo.add_argument("--eval-every", type=int, default=d["eval_every"], help="Evaluate the global model every this many rounds (and the last).")
     demo.add_argument("--train-head", action="store_true", help="Let the clients train the probe head too (default: frozen).")
     demo.add_argument("--seed", type=int, default=d["seed"], help="Seeds the data split, partition, client sampling and training.")
     demo.add_argument("--no-progress", action="store_true", help="No progress bar (round results still print).")
@@ -47,7 +48,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             num_rounds=args.rounds, clients_per_round=args.clients_per_round, local_steps=args.local_steps,
             rank=args.rank, learning_rate=args.lr, train_examples=args.train_examples,
             eval_examples=args.eval_examples, probe_examples=args.probe_examples, freeze_head=not args.train_head,
-            logit_adjustment=args.logit_adjustment or None,
+            logit_adjustment=args.logit_adjustment or None, eval_every=args.eval_every,
             seed=args.seed, progress=not args.no_progress,
         )
         print(json.dumps(summary, indent=2))

@@ -80,6 +80,7 @@ def run_simulation(
     stop_after_clients: Optional[int] = None,
     evaluate_fn: Optional[Callable[[Any], dict[str, float]]] = None,
     client_eval_datasets: Optional[dict[str, Any]] = None,
+    eval_every: int = 1,
 ) -> SimulationResult:
     """Run (or resume) a federation of `client_datasets` on `model` (a PeftModel built from `config`);
     when it returns, `model` holds the final global round.
@@ -99,10 +100,15 @@ def run_simulation(
     each client's own data: they are not published with the rounds, only returned and written to
     results.json (for the rounds this call ran).
 
+    `eval_every`: evaluate (the global model and the clients' splits) at round 0, every `eval_every`
+    rounds and at the last round; the rounds between publish no metrics.
+
     Personal tensors live under `args.output_dir/personal/<client id>`; a federation that starts here
     (its store holds no round) removes those its clients had from an earlier one.
     """
     store = LocalStore(store) if isinstance(store, (str, Path)) else store
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every must be a positive integer (rounds between evaluations), got {eval_every!r}.")
     ids = sorted(client_datasets)
     if config.dp and config.dp_num_clients != len(ids):
         raise ValueError(f"dp_num_clients={config.dp_num_clients} but {len(ids)} client datasets were given: the privacy "
@@ -126,8 +132,11 @@ def run_simulation(
     strategy = trainer.strategy
     trainer.remove_callback(PrinterCallback)  # the round/client progress bar reports instead
 
+    def evaluated(state: GlobalState) -> bool:
+        return state.round % eval_every == 0 or state.round == config.num_rounds
+
     def evaluate(state: GlobalState) -> dict[str, float]:
-        if eval_dataset is None and evaluate_fn is None:
+        if (eval_dataset is None and evaluate_fn is None) or not evaluated(state):
             return {}
         strategy.prepare_client(model, state, "global").close()  # load the global model
         metrics = evaluate_fn(model) if evaluate_fn is not None else trainer.evaluate()
@@ -147,7 +156,7 @@ def run_simulation(
     def publish(state: GlobalState, metadata: dict) -> dict[str, float]:
         """Publish the round, with the clients' personalized evaluations; the round's metrics."""
         metrics = metadata["metrics"]
-        if client_eval:
+        if client_eval and evaluated(state):
             per_client = evaluate_clients(state)
             metrics = {**metrics, **summarize_clients(per_client)}
             if config.dp:
@@ -194,7 +203,8 @@ def run_simulation(
         state = aggregator.result()
         metrics = publish(state, {"metrics": evaluate(state), "contributions": contributions})
         shown = {k: round(v, 4) for k, v in metrics.items() if k.startswith("eval_") and not _timing(k)}
-        bar.write(f"round {state.round}/{config.num_rounds}: {shown}")
+        if shown or eval_every == 1:
+            bar.write(f"round {state.round}/{config.num_rounds}: {shown}")
     bar.close()
     strategy.prepare_client(model, state, "global").close()  # the model given holds the final global round
     history = store.history()
