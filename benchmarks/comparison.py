@@ -316,7 +316,9 @@ def main() -> None:
 
     def save(**extra) -> None:
         rows = summarize(results, args)
+        groups = len(SETTINGS) * len(METHODS) + len({s["rank"] for s in SETTINGS.values()})  # centralized once per rank
         write_json(args.name, {"settings": settings, "setting_grid": SETTINGS, "runs": results, "summary": rows,
+                               "planned_runs": groups * (len(args.lrs) + args.seeds - 1),
                                "plots": plot(results, rows, args), **extra})
 
     if args.plot_only:

@@ -270,7 +270,9 @@ def comparison(data: dict) -> str:
         f"(mean of the last 3 rounds, seed 0), then {st['seeds']} seeds run at it. Centralized LoRA: a plain Trainer on the "
         "pooled client data, the same optimizer steps, tuned the same way. `start`: before round 1. Test figures at the "
         "last round, mean ± sample std over seeds; `clients`: the global model's mean accuracy over the clients' own "
-        "splits (worst client in brackets); `personal`: each client's personalized model on its split (fedsa).",
+        "splits (worst client in brackets); `personal`: each client's personalized model on its split (fedsa)."
+        + (f" PARTIAL: {len(runs)} of the {data['planned_runs']} runs of the whole grid (it resumes where it stopped)."
+           if data.get("planned_runs", 0) > len(runs) else ""),
         "",
     ]
     for setting, sp in grid.items():
@@ -317,6 +319,8 @@ def _federation_gains(rows: list[dict]) -> list[str]:
 def _verdicts(rows: list[dict]) -> list[str]:
     """Each claim: reproduced, not reproduced, or within noise, judged against the larger seed std."""
     by = {(r["setting"], r["method"]): r for r in rows}
+    if not any((s, m) in by and (s, o) in by for s, m, o, *_ in CLAIMS):
+        return ["Paper claims: none measured yet (each needs both of its methods tuned and run over the seeds)."]
     lines = ["Paper claims, as measured (test accuracy at the last round, mean over seeds; noise = the larger seed std):", ""]
     for setting, method, other, metric, kind, claim in CLAIMS:
         a, b = by.get((setting, method)), by.get((setting, other))
