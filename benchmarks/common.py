@@ -13,6 +13,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +119,30 @@ def run_pool(ready, key, workers: int, initializer, initargs: tuple, fn, on_resu
             done, running = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 on_result(future.result())
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _sentiment_worker(args, run_one) -> None:
+    """A worker process of `run_sentiment_pool`: one torch thread, the tokenized tweets loaded once."""
+    import torch
+
+    from peft_federated.demo import sentiment_data
+
+    torch.set_num_threads(1)
+    _WORKER.update(args=args, run_one=run_one, data=sentiment_data(args.train_examples, args.eval_examples))
+
+
+def _timed_run(run: dict) -> dict:
+    start = time.time()
+    return {**_WORKER["run_one"](run, _WORKER["args"], _WORKER["data"]), "seconds": time.time() - start}
+
+
+def run_sentiment_pool(ready, key, args, run_one, on_result) -> None:
+    """`run_pool` for the sentiment benchmarks: `run_one(run, args, (train, test, tokenizer))` in
+    `args.workers` processes, each result with its "seconds"."""
+    run_pool(ready, key, args.workers, _sentiment_worker, (args, run_one), _timed_run, on_result)
 
 
 def pyplot():

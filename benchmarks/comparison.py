@@ -36,11 +36,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, pyplot, run_pool, save_figure, write_json  # noqa: E402
+from common import RESULTS, pyplot, run_sentiment_pool, save_figure, write_json  # noqa: E402
 
 METHODS = ["fedit", "ffa", "rolora", "hetlora", "flexlora", "lora_fair", "flora", "fedex", "fedsvd", "fedsa"]
 SETTINGS = {
@@ -331,27 +330,8 @@ def main() -> None:
         save()
 
     print(f"{len(results)} runs saved; {len(planned(args, results))} can start now on {args.workers} worker(s)", flush=True)
-    run_pool(lambda: planned(args, results), key, args.workers, _start_worker, (args,), _run_in_worker, done)
+    run_sentiment_pool(lambda: planned(args, results), key, args, run_one, done)
     save()
-
-
-_DATA = _ARGS = None
-
-
-def _start_worker(args) -> None:
-    global _DATA, _ARGS
-    _ARGS = args
-    import torch
-
-    from peft_federated.demo import sentiment_data
-
-    torch.set_num_threads(1)
-    _DATA = sentiment_data(args.train_examples, args.eval_examples)
-
-
-def _run_in_worker(run: dict) -> dict:
-    start = time.time()
-    return {**run_one(run, _ARGS, _DATA), "seconds": time.time() - start}
 
 
 if __name__ == "__main__":

@@ -28,11 +28,10 @@ import math
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, pyplot, run_pool, save_figure, write_json  # noqa: E402
+from common import RESULTS, pyplot, run_sentiment_pool, save_figure, write_json  # noqa: E402
 
 METHODS = ["fedit", "ffa", "rolora"]
 EPSILONS = [1.0, 4.0, 8.0, math.inf]
@@ -152,8 +151,10 @@ def main() -> None:
     if args.quick:
         args.rounds, args.seeds, args.train_examples, args.eval_examples, args.local_steps, args.probe_examples = 2, 1, 1000, 100, 2, 100
     if args.probe_norms:
-        _start_worker(args)
-        r = run_one({"method": "fedit", "epsilon": math.inf, "seed": 0, "probe": True}, args, _DATA)
+        from peft_federated.demo import sentiment_data
+
+        r = run_one({"method": "fedit", "epsilon": math.inf, "seed": 0, "probe": True}, args,
+                    sentiment_data(args.train_examples, args.eval_examples))
         print(json.dumps({"median": statistics.median(r["norms"]), "norms": sorted(round(n, 4) for n in r["norms"])}))
         return
     settings = {k: getattr(args, k) for k in ("clients", "clients_per_round", "alpha", "rounds", "local_steps", "rank", "lr",
@@ -179,28 +180,9 @@ def main() -> None:
               f"macro-F1 {r['macro_f1'][-1]:.3f} ({r['seconds']:.0f} s)", flush=True)
         save()
 
-    run_pool(lambda: todo, key, args.workers, _start_worker, (args,), _run_in_worker, done)
+    run_sentiment_pool(lambda: todo, key, args, run_one, done)
     if not todo:
         save()
-
-
-_DATA = _ARGS = None
-
-
-def _start_worker(args) -> None:
-    global _DATA, _ARGS
-    _ARGS = args
-    import torch
-
-    from peft_federated.demo import sentiment_data
-
-    torch.set_num_threads(1)
-    _DATA = sentiment_data(args.train_examples, args.eval_examples)
-
-
-def _run_in_worker(run: dict) -> dict:
-    start = time.time()
-    return {**run_one(run, _ARGS, _DATA), "seconds": time.time() - start}
 
 
 if __name__ == "__main__":

@@ -29,11 +29,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, pyplot, run_pool, save_figure, write_json  # noqa: E402
+from common import RESULTS, pyplot, run_sentiment_pool, save_figure, write_json  # noqa: E402
 
 METHODS = ["fedit", "ffa", "rolora", "hetlora", "lora_fair", "flora", "fedex"]
 LAST_ROUNDS = 5  # the summary's steadier accuracy: averaged over this many final rounds
@@ -256,29 +255,10 @@ def main() -> None:
               f"({r['seconds']:.0f} s)", flush=True)
         save()
 
-    run_pool(lambda: todo, key, args.workers, _start_worker, (args,), _run_in_worker, done)
+    run_sentiment_pool(lambda: todo, key, args, run_one, done)
     if not todo:
         save()
 
-
-_DATA = _ARGS = None
-
-
-def _start_worker(args) -> None:
-    """A worker process: one torch thread, the tokenized data loaded once."""
-    global _DATA, _ARGS
-    _ARGS = args
-    import torch
-
-    from peft_federated.demo import sentiment_data
-
-    torch.set_num_threads(1)
-    _DATA = sentiment_data(args.train_examples, args.eval_examples)
-
-
-def _run_in_worker(run: dict) -> dict:
-    start = time.time()
-    return {**run_one(run, _ARGS, _DATA), "seconds": time.time() - start}
 
 if __name__ == "__main__":
     main()
