@@ -219,7 +219,8 @@ class FederatedMixin:
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         tau = self.federated_config.logit_adjustment
-        if tau is not None and model.training and "labels" in inputs:
+        # the wrapped model's own flag, not a DDP wrapper's: evaluation sets only the wrapped model to eval
+        if tau is not None and self.accelerator.unwrap_model(model).training and "labels" in inputs:
             result = self._logit_adjusted_loss(model, inputs, tau, return_outputs)
         else:
             result = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
