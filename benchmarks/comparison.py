@@ -88,11 +88,6 @@ def chosen_lr(tuning: list[dict]) -> float:
     return max(tuning, key=lambda r: (statistics.fmean(r["val_accuracy"]), -r["lr"]))["lr"]
 
 
-def client_ranks(rank: int, clients: list[str]) -> dict[str, int]:
-    levels = sorted({max(1, rank // 4), max(1, rank // 2), rank})
-    return {c: levels[i % len(levels)] for i, c in enumerate(clients)}
-
-
 def split_data(train, args, seed: int, setting: dict):
     """(probe, validation, {client: (train, test)}) for one seed and setting."""
     from peft_federated.data import dirichlet_partition
@@ -113,6 +108,8 @@ def run_one(run: dict, args, data) -> dict:
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
     from transformers import DataCollatorWithPadding, Trainer, TrainerCallback
 
+    from quality import client_ranks
+
     from peft_federated import load_personal
     from peft_federated.demo import accuracy_and_f1, sentiment_args, sentiment_config, sentiment_model, sorted_by_length, warm_start
     from peft_federated.personal import client_folder
@@ -129,8 +126,6 @@ def run_one(run: dict, args, data) -> dict:
     curve: dict[int, dict] = {}
 
     with tempfile.TemporaryDirectory() as tmp:
-        evaluator = None  # a plain Trainer over the run's model, built once the model exists
-
         def scores(model, rnd: int) -> dict[str, float]:
             out = {}
             if rnd in test_rounds:
@@ -140,12 +135,23 @@ def run_one(run: dict, args, data) -> dict:
             curve[rnd] = out
             return out
 
+        ids = sorted(clients)
         if run["method"] == "centralized":
-            model = sentiment_model(sentiment_config("fedit", setting["rank"]), run["seed"])
-            warm_start(model, probe, collator)
-            evaluator = quiet(Trainer(model=model, args=sentiment_args(Path(tmp) / "eval"), data_collator=collator,
-                                      compute_metrics=accuracy_and_f1))
+            config = sentiment_config("fedit", setting["rank"])
+        else:
+            federation = dict(num_rounds=args.rounds, clients_per_round=min(args.clients_per_round, len(ids)),
+                              local_steps=max(1, per_round // min(args.clients_per_round, len(ids))))
+            if run["method"] in MIXED_RANKS:
+                federation["client_ranks"] = client_ranks(setting["rank"], ids)
+            if args.logit_adjustment:
+                federation["logit_adjustment"] = args.logit_adjustment
+            config = sentiment_config(run["method"], setting["rank"], **federation)
+        model = sentiment_model(config, run["seed"])
+        warm_start(model, probe, collator)
+        evaluator = quiet(Trainer(model=model, args=sentiment_args(Path(tmp) / "eval"), data_collator=collator,
+                                  compute_metrics=accuracy_and_f1))
 
+        if run["method"] == "centralized":
             class Rounds(TrainerCallback):  # score at the step where each federated round would end
                 def on_step_end(self, targs, state, control, **kw):
                     if state.global_step % per_round == 0:
@@ -155,18 +161,6 @@ def run_one(run: dict, args, data) -> dict:
             targs = sentiment_args(tmp, learning_rate=run["lr"], seed=run["seed"], max_steps=args.rounds * per_round)
             quiet(Trainer(model=model, args=targs, train_dataset=pool, data_collator=collator, callbacks=[Rounds()])).train()
         else:
-            ids = sorted(clients)
-            federation = dict(num_rounds=args.rounds, clients_per_round=min(args.clients_per_round, len(ids)),
-                              local_steps=max(1, per_round // min(args.clients_per_round, len(ids))))
-            if run["method"] in MIXED_RANKS:
-                federation["client_ranks"] = client_ranks(setting["rank"], ids)
-            if args.logit_adjustment:
-                federation["logit_adjustment"] = args.logit_adjustment
-            config = sentiment_config(run["method"], setting["rank"], **federation)
-            model = sentiment_model(config, run["seed"])
-            warm_start(model, probe, collator)
-            evaluator = quiet(Trainer(model=model, args=sentiment_args(Path(tmp) / "eval"), data_collator=collator,
-                                      compute_metrics=accuracy_and_f1))
             rounds = iter(range(args.rounds + 1))
             targs = sentiment_args(Path(tmp) / "trainer", learning_rate=run["lr"], seed=run["seed"])
             run_simulation(model, config, {c: tr for c, (tr, _) in clients.items()}, targs, Path(tmp) / "store",
