@@ -233,6 +233,11 @@ def test_budget_stops_the_simulation(tmp_path):
         assert h["contributions"] == [] and not any(k.startswith("clients_mean") for k in h["metrics"])
     card = (result.store.round_folder(2) / "README.md").read_text()
     assert f"epsilon {probe.epsilon(2):.4g} at delta 0.001** after 2 rounds" in card
+    # evaluating every 5 rounds still scores round 2, the last the budget allows
+    scored = []
+    result = run_simulation(tiny_bert(cfg), cfg, data, tiny_args(tmp_path / "every"), tmp_path / "every-store",
+                            progress=False, eval_every=5, evaluate_fn=lambda m: scored.append(1) or {"score": len(scored)})
+    assert [h["round"] for h in result.history if h["metrics"]] == [0, 2] and result.final_metrics == {"score": 2.0}
     with pytest.raises(ValueError, match="dp_num_clients=3 but 2 client datasets"):
         run_simulation(model, cfg, dict(list(data.items())[:2]), tiny_args(tmp_path), tmp_path / "other", progress=False)
 

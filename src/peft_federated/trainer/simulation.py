@@ -101,7 +101,8 @@ def run_simulation(
     results.json (for the rounds this call ran).
 
     `eval_every`: evaluate (the global model and the clients' splits) at round 0, every `eval_every`
-    rounds and at the last round; the rounds between publish no metrics.
+    rounds and at the last round (`num_rounds`, or the last the DP budget allows); the rounds between
+    publish no metrics.
 
     Personal tensors live under `args.output_dir/personal/<client id>`; a federation that starts here
     (its store holds no round) removes those its clients had from an earlier one.
@@ -132,8 +133,20 @@ def run_simulation(
     strategy = trainer.strategy
     trainer.remove_callback(PrinterCallback)  # the round/client progress bar reports instead
 
+    plan = privacy.PrivacyPlan.of(config) if config.dp else None
+
+    def budget_spent(rounds: int) -> Optional[str]:
+        """Why publishing `rounds` rounds would spend more than the DP budget; None if it would not."""
+        try:
+            plan is None or plan.check_budget(rounds)
+        except privacy.PrivacyBudgetSpentError as err:
+            return str(err)
+        return None
+
     def evaluated(state: GlobalState) -> bool:
-        return state.round % eval_every == 0 or state.round == config.num_rounds
+        """Round 0, every `eval_every`-th and the last: the configured one or the one the DP budget ends at."""
+        last = state.round == config.num_rounds or budget_spent(state.round + 1) is not None
+        return state.round % eval_every == 0 or last
 
     def evaluate(state: GlobalState) -> dict[str, float]:
         if (eval_dataset is None and evaluate_fn is None) or not evaluated(state):
@@ -178,12 +191,9 @@ def run_simulation(
     bar = tqdm(total=todo * per_round, desc=f"{config.strategy} rounds", disable=not progress or todo <= 0)
     trained = 0
     for rnd in range(state.round, config.num_rounds):
-        if config.dp:
-            try:
-                privacy.PrivacyPlan.of(config).check_budget(rnd + 1)
-            except privacy.PrivacyBudgetSpentError as err:
-                bar.write(str(err))
-                break
+        if (spent := budget_spent(rnd + 1)) is not None:
+            bar.write(spent)
+            break
         aggregator = strategy.aggregator(state)
         contributions = []
         for client_id in round_clients(config, ids, seed, rnd):
