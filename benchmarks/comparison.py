@@ -90,18 +90,14 @@ def chosen_lr(tuning: list[dict]) -> float:
 
 def split_data(train, args, seed: int, setting: dict):
     """(probe, validation, {client: (train, test)}) for one seed and setting."""
-    from peft_federated.data import dirichlet_partition
+    from peft_federated.data import dirichlet_partition, own_test_splits
     from peft_federated.demo import split_seed_set
 
     probe, rest = split_seed_set(train, args.probe_examples, seed)
     val, pool = rest.select(range(args.val_examples)), rest.select(range(args.val_examples, len(rest)))
     parts = dirichlet_partition(pool, setting["clients"], alpha=setting["alpha"], label_column="label", seed=seed)
-    clients = {}
-    for k, ds in enumerate(parts):
-        ds = ds.shuffle(seed=seed)
-        n_test = min(args.client_test_max, int(0.2 * len(ds))) if len(ds) >= 5 else 0
-        clients[f"client-{k:02d}"] = (ds.select(range(n_test, len(ds))), ds.select(range(n_test)))
-    return probe, val, pool, clients
+    splits = own_test_splits(parts, max_examples=args.client_test_max, seed=seed)
+    return probe, val, pool, {f"client-{k:02d}": split for k, split in enumerate(splits)}
 
 
 def run_one(run: dict, args, data) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -67,3 +68,19 @@ def test_a_reference_counts_only_for_exactly_its_settings(tmp_path):
     assert find_reference(settings, tmp_path / "missing.json") is None
     (tmp_path / "bad.json").write_text("{not json")
     assert find_reference(settings, tmp_path / "bad.json") is None
+
+
+def test_demo_with_a_personalized_strategy_scores_each_clients_own_model(tmp_path, capsys):
+    argv = ["demo", "--output-dir", str(tmp_path / "run"), "--strategy", "fedsa", "--clients", "3", "--clients-per-round", "3",
+            "--rounds", "1", "--local-steps", "2", "--train-examples", "240", "--eval-examples", "48", "--probe-examples", "60",
+            "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads(printed[printed.rindex("\n{") + 1:])
+    rounds = json.loads((tmp_path / "run" / "results.json").read_text())["rounds"]
+    per_client = rounds[-1]["client_eval"]
+    assert sorted(per_client) == ["client-00", "client-01", "client-02"]
+    scores = [m["eval_accuracy"] for m in per_client.values()]
+    assert summary["personal_mean_accuracy"] == pytest.approx(sum(scores) / 3)
+    assert summary["personal_worst_accuracy"] == min(scores)
+    assert "fedsa keeps a personal part on each client" in printed and "each client's own model on its own test split" in printed

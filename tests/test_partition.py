@@ -15,6 +15,7 @@ from peft_federated.data import (
     iid_partition,
     label_histograms,
     load_twitter_sentiment,
+    own_test_splits,
     partition,
     shard_partition,
 )
@@ -93,6 +94,18 @@ def test_shards_give_at_most_k_labels(data, rng, k):
     # about 2x of each other), so client sizes stay within a small factor.
     sizes = [len(p) for p in parts]
     assert max(sizes) <= 3 * min(sizes)
+
+
+def test_own_test_splits_hold_out_a_fraction_of_each_client_and_lose_nothing(data, rng):
+    parts = dirichlet_partition(data, 6, alpha=0.3, seed=int(rng.integers(1000))) + [data.select(range(4))]
+    splits = own_test_splits(parts, fraction=0.25, max_examples=40, seed=3)
+    for part, (train, test) in zip(parts, splits):
+        want = 0 if len(part) < 5 else min(40, int(0.25 * len(part)))
+        assert len(test) == want and sorted(list(train["x"]) + list(test["x"])) == sorted(part["x"])
+    assert xs(t for _, t in splits) == xs(t for _, t in own_test_splits(parts, fraction=0.25, max_examples=40, seed=3))
+    assert xs(t for _, t in splits) != xs(t for _, t in own_test_splits(parts, fraction=0.25, max_examples=40, seed=4))
+    with pytest.raises(ValueError, match="fraction"):
+        own_test_splits(parts, fraction=1.0)
 
 
 def test_histograms_sum_to_dataset_size_and_table_shows_them(data):

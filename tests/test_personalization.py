@@ -115,6 +115,11 @@ def test_trainer_federation_keeps_each_clients_part_home_and_publishes_the_share
         ended[trainer.client_id] = personal_of(mine[1][1], keys)
     assert not torch.equal(*(ended[c][keys[0]] for c in ("alice", "bob")))  # kept apart
 
+    card = (store.round_path(2) / "README.md").read_text()  # the card says what a round holds and what stays home
+    assert "personalized: each client keeps its own lora_B and the modules_to_save" in card and "load_personal" in card
+    from peft_federated.hub_integration.model_card import render_model_card
+
+    assert "personalized:" not in render_model_card(tiny_config("fedit"), [])
     trainer, final = trainers[0], store.read_round(2)[0]
     global_metrics = trainer.evaluate()  # after train(): the federation's global model
     with trainer.personalized() as model:

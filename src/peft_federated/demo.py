@@ -207,7 +207,8 @@ def run_demo(
     """
     from transformers import DataCollatorWithPadding
 
-    from peft_federated.data import dirichlet_partition, format_histograms, label_histograms
+    from peft_federated.data import dirichlet_partition, format_histograms, label_histograms, own_test_splits
+    from peft_federated.strategies import get_strategy
     from peft_federated.trainer import run_simulation
 
     start = time.time()
@@ -227,6 +228,13 @@ def run_demo(
         strategy, rank, num_rounds=num_rounds, clients_per_round=clients_per_round, local_steps=local_steps,
         logit_adjustment=logit_adjustment,
     )
+    own_tests = None
+    if get_strategy(config).personalized:  # the global round alone is not what a client uses: score each client's own
+        splits = dict(zip(client_datasets, own_test_splits(clients, seed=seed)))
+        client_datasets = {cid: tr for cid, (tr, _) in splits.items()}
+        own_tests = {cid: te for cid, (_, te) in splits.items() if len(te)}
+        print(f"{strategy} keeps a personal part on each client: {sum(map(len, own_tests.values()))} of the clients' "
+              "tweets are their own test splits, to score each client's model on")
     model = sentiment_model(config, seed)
     head = warm_start(model, probe, collator, freeze_head)  # a resumed run gets the same head again
     if head is not None:
@@ -236,7 +244,7 @@ def run_demo(
     result = run_simulation(
         model, config, client_datasets, args, output_dir / "store", eval_dataset=test,
         compute_metrics=accuracy_and_f1, data_collator=collator,
-        seed=seed, progress=progress, output_dir=output_dir, eval_every=eval_every,
+        seed=seed, progress=progress, output_dir=output_dir, eval_every=eval_every, client_eval_datasets=own_tests,
     )
     scored = [h for h in result.history if "eval_accuracy" in h.get("metrics", {})]
     steps = num_rounds * config.num_sampled(num_clients) * local_steps
@@ -256,6 +264,8 @@ def run_demo(
         "optimizer_steps": steps,
         "centralized_accuracy": reference["final_accuracy"] if reference else None,
         "centralized_macro_f1": reference["final_macro_f1"] if reference else None,
+        "personal_mean_accuracy": result.final_metrics.get("eval_personal_mean_accuracy"),
+        "personal_worst_accuracy": result.final_metrics.get("eval_personal_worst_accuracy"),
         "adapter": str(result.store.round_path(config.num_rounds)),
         "plot": str(result.plot),
         "results": str(result.results_json),
@@ -266,6 +276,9 @@ def run_demo(
         f"\nmajority-class rate {majority:.3f} | before federation ({before}) {summary['accuracy_before']:.3f} | "
         f"after {config.num_rounds} rounds {summary['final_accuracy']:.3f} (macro-F1 {summary['final_macro_f1']:.3f})"
     )
+    if own_tests:
+        print(f"each client's own model on its own test split: mean {summary['personal_mean_accuracy']:.3f}, worst client "
+              f"{summary['personal_worst_accuracy']:.3f} (the global round alone is the shared part only)")
     if reference is not None:
         print(f"centralized LoRA, same data and {steps} optimizer steps: {reference['final_accuracy']:.3f} "
               f"(macro-F1 {reference['final_macro_f1']:.3f}; {REFERENCE.name}); federated - centralized: "

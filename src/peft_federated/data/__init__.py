@@ -6,6 +6,7 @@ from peft_federated.data.partition import (
     format_histograms,
     iid_partition,
     label_histograms,
+    own_test_splits,
     partition,
     shard_partition,
 )
@@ -13,5 +14,5 @@ from peft_federated.data.sentiment import LABELS, load_twitter_sentiment
 
 __all__ = [
     "LABELS", "PARTITIONERS", "dirichlet_partition", "format_histograms", "iid_partition", "label_histograms",
-    "load_twitter_sentiment", "partition", "shard_partition",
+    "load_twitter_sentiment", "own_test_splits", "partition", "shard_partition",
 ]

@@ -142,6 +142,21 @@ def partition(dataset: Dataset, num_clients: int, method: str = "dirichlet", see
     raise ValueError(f"Unknown partition method {method!r}; choose one of: {', '.join(PARTITIONERS)}.")
 
 
+def own_test_splits(partitions: Sequence[Dataset], fraction: float = 0.2, max_examples: int = 30, min_size: int = 5,
+                    seed: int = 0) -> list[tuple[Dataset, Dataset]]:
+    """(train, test) per client: each client keeps `fraction` of its shuffled examples (at most
+    `max_examples`) as its own test split, to score personalized models on; a client with fewer than
+    `min_size` examples keeps them all for training (an empty test split)."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}.")
+    out = []
+    for part in partitions:
+        part = part.shuffle(seed=seed)
+        n_test = min(max_examples, int(fraction * len(part))) if len(part) >= min_size else 0
+        out.append((part.select(range(n_test, len(part))), part.select(range(n_test))))
+    return out
+
+
 def label_histograms(partitions: Sequence[Dataset], label_column: str = "label") -> list[dict[Any, int]]:
     """Each client's count per label (labels it lacks are absent), to see how skewed a split is."""
     return [dict(sorted(Counter(_labels(p, label_column).tolist()).items())) for p in partitions]

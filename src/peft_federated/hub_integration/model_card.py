@@ -43,6 +43,16 @@ def _privacy_line(dp: Any) -> list[str]:
             f"{'PLD' if 'pld' in str(dp.get('accountant')) else 'RDP'} accountant"]
 
 
+def _personal_line(strategy: Any) -> list[str]:
+    """For a personalized strategy: what the rounds hold and what stays with each client."""
+    kept = [*strategy.personal_factors, *(["the modules_to_save (e.g. the head)"] if strategy.personal_extras else [])]
+    if not kept:
+        return []
+    return [f"- personalized: each client keeps its own {' and '.join(kept)}, never uploaded; a round holds the shared "
+            "part, with those tensors at their round-0 values. Load a client's model with `peft_federated.load_personal` "
+            "over the round"]
+
+
 def render_model_card(config: "FederatedLoraConfig", history: list[dict[str, Any]], repo_id: str = "<repo>") -> str:
     """Markdown for the global adapter, from every round's federation metadata (oldest first)."""
     from peft_federated.strategies import STRATEGIES
@@ -66,6 +76,7 @@ def render_model_card(config: "FederatedLoraConfig", history: list[dict[str, Any
         f"- LoRA rank {config.r}, alpha {config.lora_alpha}, target modules: {sorted(config.target_modules or [])}",
         f"- rounds planned: {config.num_rounds}; published so far: {latest}",
         *_privacy_line(history[-1].get("dp") if history else None),
+        *_personal_line(strategy),
         "",
         "## Load any round with plain PEFT",
         "",
