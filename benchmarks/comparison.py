@@ -141,9 +141,10 @@ def run_one(run: dict, args, data) -> dict:
                 federation["client_ranks"] = client_ranks(setting["rank"], ids)
             if args.logit_adjustment:
                 federation["logit_adjustment"] = args.logit_adjustment
+            federation.update(getattr(args, "federation", {}))
             config = sentiment_config(run["method"], setting["rank"], **federation)
         model = sentiment_model(config, run["seed"])
-        warm_start(model, probe, collator)
+        warm_start(model, probe, collator, freeze=getattr(args, "freeze_head", True))
         evaluator = quiet(Trainer(model=model, args=sentiment_args(Path(tmp) / "eval"), data_collator=collator,
                                   compute_metrics=accuracy_and_f1))
 
@@ -154,11 +155,13 @@ def run_one(run: dict, args, data) -> dict:
                         scores(model, state.global_step // per_round)
 
             scores(model, 0)
-            targs = sentiment_args(tmp, learning_rate=run["lr"], seed=run["seed"], max_steps=args.rounds * per_round)
+            targs = sentiment_args(tmp, learning_rate=run["lr"], seed=run["seed"], max_steps=args.rounds * per_round,
+                                   **getattr(args, "training_args", {}))
             quiet(Trainer(model=model, args=targs, train_dataset=pool, data_collator=collator, callbacks=[Rounds()])).train()
         else:
             rounds = iter(range(args.rounds + 1))
-            targs = sentiment_args(Path(tmp) / "trainer", learning_rate=run["lr"], seed=run["seed"])
+            targs = sentiment_args(Path(tmp) / "trainer", learning_rate=run["lr"], seed=run["seed"],
+                                   **getattr(args, "training_args", {}))
             run_simulation(model, config, {c: tr for c, (tr, _) in clients.items()}, targs, Path(tmp) / "store",
                            data_collator=collator, seed=run["seed"], progress=False, output_dir=tmp,
                            evaluate_fn=lambda m: scores(m, next(rounds)))
