@@ -13,6 +13,7 @@ split (`client_eval_datasets`), every round also scores each client's personaliz
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -135,12 +136,14 @@ def run_simulation(
 
     plan = privacy.PrivacyPlan.of(config) if config.dp else None
 
+    @functools.lru_cache(maxsize=None)  # asked by the loop and by each round's evaluation: account once per count
     def budget_spent(rounds: int) -> Optional[str]:
         """Why publishing `rounds` rounds would spend more than the DP budget; None if it would not."""
-        try:
-            plan is None or plan.check_budget(rounds)
-        except privacy.PrivacyBudgetSpentError as err:
-            return str(err)
+        if plan is not None:
+            try:
+                plan.check_budget(rounds)
+            except privacy.PrivacyBudgetSpentError as err:
+                return str(err)
         return None
 
     def evaluated(state: GlobalState) -> bool:
