@@ -95,7 +95,9 @@ def split_data(train, args, seed: int, setting: dict):
 
     probe, rest = split_seed_set(train, args.probe_examples, seed)
     val, pool = rest.select(range(args.val_examples)), rest.select(range(args.val_examples, len(rest)))
-    parts = dirichlet_partition(pool, setting["clients"], alpha=setting["alpha"], label_column="label", seed=seed)
+    # 50 clients at alpha 0.1: a draw leaving no client empty can take a few thousand tries
+    parts = dirichlet_partition(pool, setting["clients"], alpha=setting["alpha"], label_column="label", seed=seed,
+                                max_tries=100_000)
     splits = own_test_splits(parts, max_examples=args.client_test_max, seed=seed)
     return probe, val, pool, {f"client-{k:02d}": split for k, split in enumerate(splits)}
 

@@ -10,6 +10,8 @@ splits and seeds, and reports the test accuracy per round:
   after each round's fresh start move every coordinate by about the learning rate, however small its gradient;
 - `head_trained`: the linear-probe head trained (and averaged) with the LoRA factors instead of frozen;
 - `uniform`: every sampled client weighs the same in its round's mean, instead of by its sample count;
+- `ten_a_round`: 19 rounds of 10 clients x 2 steps (380 client steps; each round's mean from more clients);
+- `uniform_ten_a_round`: both of the two above;
 - `long`: 60 rounds of 5 clients (1,500 client steps), the same schedule stretched;
 - `centralized_long`: a plain Trainer on the pooled client data for the same 1,500 steps.
 
@@ -36,6 +38,8 @@ VARIANTS = {
     "sgd": dict(lr=2.0, training_args={"optim": "sgd"}),
     "head_trained": dict(freeze_head=False),
     "uniform": dict(federation={"weighting": "uniform"}),
+    "ten_a_round": dict(rounds=19, clients_per_round=10, local_steps=2),
+    "uniform_ten_a_round": dict(rounds=19, clients_per_round=10, local_steps=2, federation={"weighting": "uniform"}),
     "long": dict(rounds=60, seeds=[0, 1]),
     "centralized_long": dict(rounds=60, method="centralized", seeds=[0]),
 }

@@ -70,7 +70,12 @@ def test_a_reference_counts_only_for_exactly_its_settings(tmp_path):
     assert find_reference(settings, tmp_path / "bad.json") is None
 
 
-def test_demo_with_a_personalized_strategy_scores_each_clients_own_model(tmp_path, capsys):
+def test_demo_with_a_personalized_strategy_scores_each_clients_own_model(tmp_path, capsys, monkeypatch):
+    # a reference entry for these settings (1 round x 3 clients x 2 steps), to check how its line reads
+    settings = reference_settings(240, 48, 48, 60, True, 8, 16, 3e-3, 6, 0)
+    (tmp_path / "ref.json").write_text(json.dumps({"runs": [{"settings": settings, "final_accuracy": 0.5,
+                                                             "final_macro_f1": 0.4}]}))
+    monkeypatch.setattr(demo, "REFERENCE", tmp_path / "ref.json")
     argv = ["demo", "--output-dir", str(tmp_path / "run"), "--strategy", "fedsa", "--clients", "3", "--clients-per-round", "3",
             "--rounds", "1", "--local-steps", "2", "--train-examples", "240", "--eval-examples", "48", "--probe-examples", "60",
             "--no-progress"]
@@ -84,3 +89,5 @@ def test_demo_with_a_personalized_strategy_scores_each_clients_own_model(tmp_pat
     assert summary["personal_mean_accuracy"] == pytest.approx(sum(scores) / 3)
     assert summary["personal_worst_accuracy"] == min(scores)
     assert "fedsa keeps a personal part on each client" in printed and "each client's own model on its own test split" in printed
+    # the federation trained without the clients' own test splits; the centralized reference pooled them all
+    assert "centralized LoRA, every client tweet pooled, their own test splits included and 6 optimizer steps: 0.500" in printed

@@ -280,7 +280,8 @@ def run_demo(
         print(f"each client's own model on its own test split: mean {summary['personal_mean_accuracy']:.3f}, worst client "
               f"{summary['personal_worst_accuracy']:.3f} (the global round alone is the shared part only)")
     if reference is not None:
-        print(f"centralized LoRA, same data and {steps} optimizer steps: {reference['final_accuracy']:.3f} "
+        data = "every client tweet pooled, their own test splits included" if own_tests else "same data"
+        print(f"centralized LoRA, {data} and {steps} optimizer steps: {reference['final_accuracy']:.3f} "
               f"(macro-F1 {reference['final_macro_f1']:.3f}; {REFERENCE.name}); federated - centralized: "
               f"{summary['final_accuracy'] - reference['final_accuracy']:+.3f}")
     else:

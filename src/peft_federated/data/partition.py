@@ -83,7 +83,7 @@ def dirichlet_partition(dataset: Dataset, num_clients: int, alpha: float, label_
         if min(len(p) for p in parts) >= min_size:
             return _select(dataset, parts)
     raise ValueError(f"No Dirichlet(alpha={alpha}) split gave each of {num_clients} clients at least {min_size} "
-                     f"examples in {max_tries} draws: raise alpha, lower min_size, or use fewer clients.")
+                     f"examples in {max_tries} draws: raise alpha or max_tries, lower min_size, or use fewer clients.")
 
 
 def _shards_per_label(counts: np.ndarray, num_shards: int) -> np.ndarray:
