@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from peft_federated.hub_integration import LocalStore
+from peft_federated.personal import client_folder, read_snapshot, snapshot_rounds
 
 
-@pytest.mark.parametrize("strategy", ["rolora"])
+@pytest.mark.parametrize("strategy", ["rolora", "fedsa"])
 def test_two_processes_hold_identical_adapters_after_each_round_and_the_final_global_one(tmp_path, strategy):
     out = tmp_path / "out"
     out.mkdir()
@@ -34,10 +35,18 @@ def test_two_processes_hold_identical_adapters_after_each_round_and_the_final_gl
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), f"ranks differ on {key} after round {round}"
-        # what the ranks hold is what the client submitted (RoLoRA: B in round 0, A in round 1)
+        # what the ranks hold is what the client submitted (RoLoRA: B in round 0, A in round 1; FedSA: A)
         update, _ = store.read_update(round, "mp-client")
         for key, value in update.items():
             assert torch.equal(value, a[key])
+        if strategy == "fedsa":  # B never travels: rank 0 wrote it once, as the snapshot the next round starts from
+            assert update and not any("lora_B" in k for k in update)
+            personal, meta = read_snapshot(client_folder(out / "trainer" / "personal", "mp-client"), round + 1)
+            assert meta["round"] == round + 1 and personal
+            for key, value in personal.items():
+                assert torch.equal(value, a[key]), f"the personal snapshot differs from the ranks' {key} after round {round}"
+    if strategy == "fedsa":
+        assert snapshot_rounds(client_folder(out / "trainer" / "personal", "mp-client")) == [1, 2]
     final, _ = store.read_round(2)
     for rank in (0, 1):
         held = load_file(str(out / f"rank{rank}_final.safetensors"))
