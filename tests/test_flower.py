@@ -2,8 +2,8 @@
 a ClientApp, in Flower's real simulation engine (Ray backend, 4 supernodes).
 
 One simulation (the module fixture) runs every federation below in turn from one ServerApp, so Ray and
-its actors start once: rolora, hetlora, fedex, flora and ffa with the same data, seeds and client
-sampling as `run_simulation` (the contract; per-client ranks, single factors and base changes), then a federation in which client-3 replies with a different hostile
+its actors start once: rolora, hetlora, fedex, flora, ffa and fedsa with the same data, seeds and client
+sampling as `run_simulation` (the contract; per-client ranks, single factors, base changes and personal tensors), then a federation in which client-3 replies with a different hostile
 update each round. The codec of what travels in the messages is tested without Ray.
 """
 
@@ -39,6 +39,7 @@ from peft_federated.flower.records import (
     CLIENT_ID_ACTION, config_from_json, config_to_json, from_arrays, read_config, read_round, round_content, to_arrays,
 )
 from peft_federated.hub_integration import LocalStore
+from peft_federated.personal import client_folder, read_snapshot, snapshot_rounds
 from peft_federated.roles import federation_config
 from peft_federated.state import GlobalState, LowRank
 from peft_federated.strategies import get_strategy
@@ -51,6 +52,7 @@ CONTRACT = {
     "fedex": tiny_config("fedex", clients_per_round=3),
     "flora": tiny_config("flora", clients_per_round=3, client_ranks={"client-0": 2, "client-2": 1}),
     "ffa": tiny_config("ffa", clients_per_round=3),
+    "fedsa": tiny_config("fedsa", clients_per_round=3),  # each node keeps its own B and head between rounds
 }
 HOSTILE = "client-3"
 # One attack per round of the hostile federation, and the words its refusal must say.
@@ -75,6 +77,7 @@ TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 
 
 BUILDS = "PF_TEST_FLOWER_BUILDS"  # a file each model_fn call appends "<pid> <federation>" to
+CLIENTS = "PF_TEST_FLOWER_CLIENTS"  # the folder of the nodes' output folders (personal tensors included)
 
 
 def model_fn(config, context):
@@ -86,7 +89,7 @@ def model_fn(config, context):
 
 def trainer_fn(model, config, context):
     client_id = node_client_id(context)
-    args = tiny_args(Path(tempfile.gettempdir()) / "peft-federated-test-flower" / client_id)
+    args = tiny_args(Path(os.environ.get(CLIENTS, Path(tempfile.gettempdir()) / "peft-federated-test-flower")) / client_id)
     return FederatedTrainer(model=model, args=args, train_dataset=DATA[client_id], federated_config=config, client_id=client_id)
 
 
@@ -159,6 +162,7 @@ def flower_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("PYTHONPATH", os.environ.get("PYTHONPATH", ""))  # Flower rewrites it for its Ray workers; restored after
         mp.setenv(BUILDS, str(root / "builds.txt"))  # the Ray workers inherit it
+        mp.setenv(CLIENTS, str(root / "clients"))
         try:
             flower_simulation(server, APP, num_supernodes=4, backend_config={
                 "client_resources": {"num_cpus": 1, "num_gpus": 0.0},  # 2 actors on this 2-core machine
@@ -199,6 +203,15 @@ def test_flower_simulation_gives_run_simulations_adapter(flower_run, name, tmp_p
         assert a.strategy_state["client_ranks"]["client-0"] < 2
     if name in ("fedex", "flora"):
         assert a.base_delta, f"{name}'s rounds carry a base change"
+    if name == "fedsa":  # each node kept the same personal B and head as run_simulation's client, on its side only
+        for client_id in DATA:
+            mine = client_folder(root / "clients" / client_id / "trainer" / "personal", client_id)
+            theirs = client_folder(tmp_path / "trainer" / "personal", client_id)
+            assert snapshot_rounds(mine) == snapshot_rounds(theirs) != []
+            (x, _), (y, _) = (read_snapshot(f, snapshot_rounds(f)[-1]) for f in (mine, theirs))
+            assert x.keys() == y.keys() and any("lora_B" in k for k in x)
+            for key in y:
+                torch.testing.assert_close(x[key], y[key], **TOLERANCE)
     strategy, result = runs[name]
     assert strategy.state.round == cfg.num_rounds and len(strategy.history) == cfg.num_rounds
     assert [result.train_metrics_clientapp[r]["accepted"] for r in range(1, cfg.num_rounds + 1)] == [3] * cfg.num_rounds
