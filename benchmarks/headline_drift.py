@@ -15,7 +15,7 @@ splits and seeds, and reports the test accuracy per round:
 - `long`: 60 rounds of 5 clients (1,500 client steps), the same schedule stretched;
 - `centralized_long`: a plain Trainer on the pooled client data for the same 1,500 steps.
 
-    .venv/bin/python benchmarks/headline_drift.py          # about 50 min on the 2-core CPU; resumable
+    .venv/bin/python benchmarks/headline_drift.py          # about 70 min on the 2-core CPU; resumable
     .venv/bin/python benchmarks/headline_drift.py --plot-only
 """
 

@@ -568,7 +568,7 @@ def headline_drift(data: dict) -> str:
     for r in data["summary"]:
         v = data["variants"][r["variant"]]
         rounds, cpr = v.get("rounds", b["rounds"]), v.get("clients_per_round", b["clients_per_round"])
-        steps = rounds * cpr * b["local_steps"]
+        steps = rounds * cpr * v.get("local_steps", b["local_steps"])
         change = ", ".join(f"{k}={x}" for k, x in v.items() if k not in ("seeds",)) or "none"
         rows.append([r["variant"], change, steps, ", ".join(str(s) for s in r["seeds"]), f"{r['start']:.3f}",
                      _mean_std(r["final_mean"], r["final_std"]), ", ".join(f"{a:.3f}" for a in r["final"]),

@@ -2,7 +2,7 @@
 a ClientApp, in Flower's real simulation engine (Ray backend, 4 supernodes).
 
 One simulation (the module fixture) runs every federation below in turn from one ServerApp, so Ray and
-its actors start once: rolora, hetlora, fedex, flora, ffa and fedsa with the same data, seeds and client
+its actors start once: rolora, hetlora, fedex, flora, ffa, fedsa and fedit under DP with the same data, seeds and client
 sampling as `run_simulation` (the contract; per-client ranks, single factors, base changes and personal tensors), then a federation in which client-3 replies with a different hostile
 update each round. The codec of what travels in the messages is tested without Ray.
 """
@@ -39,6 +39,7 @@ from peft_federated.flower.records import (
     CLIENT_ID_ACTION, config_from_json, config_to_json, from_arrays, read_config, read_round, round_content, to_arrays,
 )
 from peft_federated.hub_integration import LocalStore
+from peft_federated import privacy
 from peft_federated.personal import client_folder, read_snapshot, snapshot_rounds
 from peft_federated.roles import federation_config
 from peft_federated.state import GlobalState, LowRank
@@ -53,6 +54,9 @@ CONTRACT = {
     "flora": tiny_config("flora", clients_per_round=3, client_ranks={"client-0": 2, "client-2": 1}),
     "ffa": tiny_config("ffa", clients_per_round=3),
     "fedsa": tiny_config("fedsa", clients_per_round=3),  # each node keeps its own B and head between rounds
+    # DP (server-side noise, seeded for the test): clients drawn with probability 3/4 each, as the accountant assumes
+    "fedit_dp": tiny_config("fedit", clients_per_round=3, weighting="uniform", dp_clip_norm=0.5, dp_noise_multiplier=1.0,
+                            dp_num_clients=4, dp_delta=1e-3, dp_seed=0),
 }
 HOSTILE = "client-3"
 # One attack per round of the hostile federation, and the words its refusal must say.
@@ -155,7 +159,8 @@ def flower_run(tmp_path_factory):
     @server.main()
     def main(grid, context):
         for name, cfg in [*CONTRACT.items(), ("hostile", HOSTILE_CONFIG)]:
-            strategy = FederatedLoraStrategy(cfg, store=root / name, min_available_nodes=4)
+            strategy = FederatedLoraStrategy(cfg, store=root / name, min_available_nodes=4,
+                                             clients=sorted(DATA) if cfg.dp else None)  # DP: N is in the accounting
             train_config = ConfigRecord({"hostile": HOSTILE}) if name == "hostile" else None
             runs[name] = strategy, strategy.start(grid, strategy.initial_arrays(tiny_bert(cfg)), train_config=train_config)
 
@@ -192,7 +197,8 @@ def test_flower_simulation_gives_run_simulations_adapter(flower_run, name, tmp_p
     for rnd in range(1, cfg.num_rounds + 1):
         (a, meta_a), (b, meta_b) = flower.read_round(rnd), ours.read_round(rnd)
         assert [c["client_id"] for c in meta_a["contributions"]] == [c["client_id"] for c in meta_b["contributions"]]
-        assert len(meta_a["contributions"]) == 3 and meta_a["refused"] == []
+        assert meta_a["refused"] == [] and meta_a.get("dp") == meta_b.get("dp")
+        assert len(meta_a["contributions"]) == (0 if cfg.dp else 3)  # under DP who took part is not published
         assert a.strategy_state == b.strategy_state and a.tensors.keys() == b.tensors.keys()
         for key in b.tensors:
             torch.testing.assert_close(a.tensors[key], b.tensors[key], **TOLERANCE)
@@ -214,7 +220,10 @@ def test_flower_simulation_gives_run_simulations_adapter(flower_run, name, tmp_p
                 torch.testing.assert_close(x[key], y[key], **TOLERANCE)
     strategy, result = runs[name]
     assert strategy.state.round == cfg.num_rounds and len(strategy.history) == cfg.num_rounds
-    assert [result.train_metrics_clientapp[r]["accepted"] for r in range(1, cfg.num_rounds + 1)] == [3] * cfg.num_rounds
+    sampled = [len(privacy.poisson_sample(cfg, sorted(DATA), r)) if cfg.dp else 3 for r in range(cfg.num_rounds)]
+    assert [result.train_metrics_clientapp[r]["accepted"] for r in range(1, cfg.num_rounds + 1)] == sampled
+    if cfg.dp:
+        assert a.tensors and meta_a["dp"]["epsilon"] == pytest.approx(privacy.PrivacyPlan.of(cfg).epsilon(cfg.num_rounds))
 
 
 @pytest.mark.slow

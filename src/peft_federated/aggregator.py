@@ -28,11 +28,14 @@ MAX_REASON = 600  # characters of a refusal's reason kept in federation.json
 
 
 def aggregate_round(
-    store: RoundStore, config: FederatedLoraConfig, clients: Optional[list[str]] = None
+    store: RoundStore, config: FederatedLoraConfig, clients: Optional[list[str]] = None, sampled: bool = False
 ) -> Optional[int]:
     """Aggregate the updates submitted for the round after the latest published one and publish it.
 
     `clients`: the registered clients (others' updates are refused); None accepts any client.
+    `sampled`: the caller drew the round's clients with `round_clients` (under DP each registered client
+    with probability q, as the accountant assumes: the Flower strategy); otherwise under DP every
+    registered client takes part in every round, and the round names them.
     Each update is refused, with its reason in the round's `refused` metadata, when: its client is
     not registered; its file is above `max_update_bytes` or its update.json above
     `max_update_json_bytes` (unread); its update.json fails the schema (`update_meta`: strict JSON,
@@ -51,7 +54,7 @@ def aggregate_round(
     Returns the published round, or None when no valid update was there.
     """
     strategy = get_strategy(config)
-    check_dp_roles(config, clients)
+    check_dp_roles(config, clients, sampled)
     state, _ = store.read_round()
     refused: list[dict] = []
     submitted = []
@@ -105,21 +108,22 @@ def aggregate_round(
     metrics = _mean_metrics([c["metrics"] for c in contributions])
     metadata = {"contributions": contributions, "refused": refused, "metrics": metrics}
     try:
-        store.publish_round(new, config, privacy.published_metadata(config, new.round, metadata, participation_public=True))
+        store.publish_round(new, config, privacy.published_metadata(config, new.round, metadata, participation_public=not sampled))
     except RoundAlreadyPublishedError:
         logger.info("round %d was published by another aggregator", new.round)
     return new.round
 
 
-def check_dp_roles(config: FederatedLoraConfig, clients: Optional[list[str]]) -> None:
-    """Under DP the aggregator role needs its registered clients (N is in the accounting) and every one
-    of them in every round: the Hub roles have no client sampler, so the sampling rate is 1."""
+def check_dp_roles(config: FederatedLoraConfig, clients: Optional[list[str]], sampled: bool = False) -> None:
+    """Under DP the aggregator needs its registered clients (N is in the accounting) and, unless the
+    caller samples them as the accountant assumes (`sampled`), every one of them in every round: the
+    Hub roles have no client sampler, so their sampling rate is 1."""
     if not config.dp:
         return
     if clients is None or len(set(clients)) != config.dp_num_clients:
         raise ValueError(f"Under DP the aggregator needs its {config.dp_num_clients} registered clients (dp_num_clients), "
                          f"got {'none' if clients is None else len(set(clients))}: list them with --clients.")
-    if config.num_sampled(config.dp_num_clients) != config.dp_num_clients:
+    if not sampled and config.num_sampled(config.dp_num_clients) != config.dp_num_clients:
         raise ValueError("Under DP the aggregator role accounts every registered client in every round (its rounds do not "
                          "sample clients): set clients_per_round=1.0.")
 

@@ -11,8 +11,9 @@ when a store publishes), its count in the round's Flower metrics. Flower's own F
 reply holds identical keys, which our payloads do not (HetLoRA's ranks, RoLoRA's single factor), so
 the Strategy methods are implemented here directly.
 
-Clients are sampled as `run_simulation` samples them (`sample_clients` over client ids, seeded by
-(seed, round)), so the same data, seeds and sampling give the same global adapter. A node's client id
+Clients are sampled as `run_simulation` samples them (`round_clients`: `sample_clients` over client
+ids, seeded by (seed, round); under DP each registered client with probability q, as the accountant
+assumes), so the same data, seeds and sampling give the same global adapter. A node's client id
 is what its ClientApp answers to a "query.client_id" message, asked once per node.
 """
 
@@ -43,7 +44,7 @@ from peft_federated.hub_integration.store import (
 from peft_federated.hub_integration.update_meta import too_large
 from peft_federated.state import GlobalState, from_peft_adapter, to_peft_adapter
 from peft_federated.strategies import get_strategy
-from peft_federated.trainer.simulation import sample_clients
+from peft_federated.trainer.simulation import round_clients
 
 QUERY_CLIENT_ID = f"{MessageType.QUERY}.{CLIENT_ID_ACTION}"
 
@@ -137,7 +138,7 @@ class FederatedLoraStrategy(Strategy):
         """Sample this round's clients as `run_simulation` does and send each the global round."""
         state = self._state(arrays)
         ids = self._client_ids(grid)
-        sampled = sample_clients(ids, self.config.num_sampled(len(ids)), self.seed, server_round - 1) if ids else []
+        sampled = round_clients(self.config, ids, self.seed, server_round - 1) if ids else []
         node_of = {c: n for n, c in self.nodes.items() if c in sampled}
         self._sent = {node_of[c]: c for c in sampled}
         log(INFO, "configure_train: global round %d to %d of %d clients: %s", state.round, len(sampled), len(ids), sampled)
@@ -162,7 +163,7 @@ class FederatedLoraStrategy(Strategy):
             log(WARNING, "aggregate_train: no reply within the timeout from %s", missing)
         view = _Replies(self, got)
         try:
-            published = aggregate_round(view, self.config, self.clients)
+            published = aggregate_round(view, self.config, self.clients, sampled=True)
         finally:
             view.close()
         metrics: dict[str, Any] = {"round": self.state.round, "accepted": 0, "refused": len(got), "missing": len(missing)}
@@ -177,7 +178,8 @@ class FederatedLoraStrategy(Strategy):
         self.history.append(meta)
         for refusal in meta.get("refused", []):
             log(WARNING, "round %d refused %s: %s", self.state.round, refusal["client_id"], refusal["reason"])
-        metrics.update(round=self.state.round, accepted=len(meta["contributions"]), refused=len(meta.get("refused", [])))
+        refused = len(meta.get("refused", []))  # each reply is accepted or refused (under DP contributions are unnamed)
+        metrics.update(round=self.state.round, accepted=len(got) - refused, refused=refused)
         metrics.update({k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))})
         return self.arrays(), MetricRecord(metrics)
 
