@@ -157,7 +157,7 @@ def main() -> None:
         if key(run := dict(variant="grid", seed=seed)) not in results and (r := done_there.get(f"headline/fedit/lr={LR:g}/seed={seed}")):
             results[key(run)] = {**r, **run, "from": "comparison.json", "protocol": BASE}
     todo = [r for r in runs() if key(r) not in results]
-    todo.sort(key=lambda r: -VARIANTS[r["variant"]].get("rounds", 15))  # the long runs first: the pool ends together
+    todo.sort(key=lambda r: -VARIANTS[r["variant"]].get("rounds", BASE["rounds"]))  # the long runs first: the pool ends together
     run_sentiment_pool(lambda: [r for r in todo if key(r) not in results], key, args, run_variant, done)
     save()
 
