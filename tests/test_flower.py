@@ -54,9 +54,10 @@ CONTRACT = {
     "flora": tiny_config("flora", clients_per_round=3, client_ranks={"client-0": 2, "client-2": 1}),
     "ffa": tiny_config("ffa", clients_per_round=3),
     "fedsa": tiny_config("fedsa", clients_per_round=3),  # each node keeps its own B and head between rounds
-    # DP (server-side noise, seeded for the test): clients drawn with probability 3/4 each, as the accountant assumes
-    "fedit_dp": tiny_config("fedit", clients_per_round=3, weighting="uniform", dp_clip_norm=0.5, dp_noise_multiplier=1.0,
-                            dp_num_clients=4, dp_delta=1e-3, dp_seed=0),
+    # DP (server-side noise, seeded for the test): clients drawn with probability 1/2 each, as the accountant
+    # assumes; seed 8 draws 2, 2 and 0 clients, so round 3 is the noise alone, published as run_simulation does
+    "fedit_dp": tiny_config("fedit", clients_per_round=2, weighting="uniform", dp_clip_norm=0.5, dp_noise_multiplier=1.0,
+                            dp_num_clients=4, dp_delta=1e-3, dp_seed=8),
 }
 HOSTILE = "client-3"
 # One attack per round of the hostile federation, and the words its refusal must say.
@@ -222,6 +223,7 @@ def test_flower_simulation_gives_run_simulations_adapter(flower_run, name, tmp_p
     assert strategy.state.round == cfg.num_rounds and len(strategy.history) == cfg.num_rounds
     sampled = [len(privacy.poisson_sample(cfg, sorted(DATA), r)) if cfg.dp else 3 for r in range(cfg.num_rounds)]
     assert [result.train_metrics_clientapp[r]["accepted"] for r in range(1, cfg.num_rounds + 1)] == sampled
+    assert not cfg.dp or 0 in sampled  # a DP round that drew no client is published all the same
     if cfg.dp:
         assert a.tensors and meta_a["dp"]["epsilon"] == pytest.approx(privacy.PrivacyPlan.of(cfg).epsilon(cfg.num_rounds))
 

@@ -265,6 +265,36 @@ def test_aggregator_role_under_dp(tmp_path):
                        ["a", "b", "c"])
 
 
+def test_sampled_round_without_a_valid_update_is_the_noise_alone(tmp_path):
+    """Under DP with sampling (the Flower strategy) every round is published, as run_simulation does: one
+    with no update, or only refused ones, is start + z / m; refusals are counted, never named."""
+    from peft_federated.aggregator import aggregate_round, initialize
+    from peft_federated.hub_integration import LocalStore
+
+    cfg = make_config("fedit", **{**DP, "dp_noise_multiplier": 2.0, "dp_num_clients": 3, "clients_per_round": 2, "dp_seed": 5})
+    clients, plan = ["c0", "c1", "c2"], privacy.PrivacyPlan.of(cfg)
+    published = {}
+    for case in ("none", "refused"):
+        store = LocalStore(tmp_path / case)
+        initialize(store, cfg, make_model(cfg))
+        start, _ = store.read_round()
+        if case == "refused":
+            (good,), _ = changes(cfg, start, seed=3, n=1)
+            store.submit_update(0, "intruder", good, {"num_samples": 4, "metrics": {}, "base_round": 0})
+            store.submit_update(0, "c1", {k: v * float("nan") for k, v in good.items()}, {"num_samples": 4, "metrics": {}, "base_round": 0})
+        assert aggregate_round(store, cfg, clients, sampled=True) == 1
+        published[case], meta = store.read_round(1)
+        assert meta["contributions"] == [] and meta["refused"] == []
+        assert meta["refused_count"] == (2 if case == "refused" else 0)
+        assert "c1" not in json.dumps(meta) and "intruder" not in json.dumps(meta)
+        assert meta["dp"]["epsilon"] == pytest.approx(privacy.epsilon(plan.sampling_rate, 2.0, 1, 1e-3))
+    uploaded = [lora_key(m, f) for m in start.modules() for f in get_strategy(cfg).trainable_factors(0)] + list(start.extra_keys())
+    noise = torch.cat([(published["none"].tensors[k].double() - start.tensors[k].double()).flatten() for k in uploaded])
+    assert noise.abs().min() > 0 and stats.kstest(noise.numpy() * plan.expected_clients / (2.0 * 1.0), "norm").pvalue > 1e-3
+    for k in start.tensors:  # the refused updates left no trace: the same noise alone (seeded), bit for bit
+        assert torch.equal(published["refused"].tensors[k], published["none"].tensors[k])
+
+
 def test_client_side_mode_through_trainers_and_the_aggregator_role(tmp_path):
     """Real FederatedTrainer clients in client-side mode: every stored upload is already noised (its
     change is far above C), and the published rounds carry the epsilon."""

@@ -95,3 +95,31 @@ def test_clients_and_aggregator_coordinate_only_through_the_store(tmp_path):
     for r in (1, 2):
         meta = store.history()[r]
         assert sorted(c["client_id"] for c in meta["contributions"]) == ids and meta["refused"] == []
+
+
+def test_a_client_is_told_why_its_update_was_refused(tmp_path, caplog):
+    """A client whose update the aggregator refused reads the reason in the next published round and
+    warns with it; the client whose update counted hears nothing."""
+    import logging
+    import threading
+
+    from peft_federated.aggregator import initialize, serve
+
+    cfg = tiny_config("fedit", num_rounds=1, local_steps=1, max_num_samples=10)
+    store = LocalStore(tmp_path / "fed")
+    initialize(store, cfg, tiny_bert(cfg))
+    trainers = [FederatedTrainer(model=tiny_bert(cfg), args=tiny_args(tmp_path / cid), train_dataset=token_dataset(n, k),
+                                 federated_config=cfg, client_id=cid, store=store, poll_interval=0.05, round_timeout=60)
+                for k, (cid, n) in enumerate([("alice", 30), ("bob", 8)])]  # alice claims 30 samples: above 10
+    caplog.set_level(logging.WARNING, logger="peft_federated.trainer.trainer")
+    threads = [threading.Thread(target=serve, args=(store, cfg, ["alice", "bob"]), kwargs={"poll_interval": 0.05, "deadline": 60},
+                                daemon=True)] + [threading.Thread(target=t.train) for t in trainers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    _, meta = store.read_round(1)
+    assert [c["client_id"] for c in meta["contributions"]] == ["bob"] and meta["refused"][0]["client_id"] == "alice"
+    told = [r.getMessage() for r in caplog.records if r.name == "peft_federated.trainer.trainer"]
+    assert len(told) == 1 and told[0].startswith("The aggregator refused alice's update for round 0 (it is not in round 1)")
+    assert "above max_num_samples=10" in told[0]

@@ -51,7 +51,9 @@ def aggregate_round(
     Accepted updates are listed in `contributions` with their sha256 (anyone can re-verify the round),
     their change-norm where a norm setting had it measured (else null), and `weight_samples` where
     the share cap lowered their count.
-    Returns the published round, or None when no valid update was there.
+    Returns the published round, or None when no valid update was there; under DP with `sampled`
+    every round is published (the accountant counts each), one without a valid update as the noise
+    alone, as `run_simulation` does.
     """
     strategy = get_strategy(config)
     check_dp_roles(config, clients, sampled)
@@ -64,6 +66,7 @@ def aggregate_round(
         else:
             refused.append({"client_id": str(client_id)[:100], "reason": "not a registered client of this federation: the "
                             "aggregator must list it in its clients (--clients) before its updates count"})
+            logger.warning("round %d: refused %r, not a registered client", state.round, str(client_id)[:100])
 
     def refuse(client_id: str, err: Exception) -> None:
         if isinstance(err, (InvalidUpdateError, ValueError)):
@@ -102,9 +105,9 @@ def aggregate_round(
             refuse(client_id, bad[client_id])
     contributions = [{k: checked[c][1].get(k) for k in ("client_id", "num_samples", "sha256", "metrics")} | {"norm": info["norm"]}
                      | ({"weight_samples": capped[c]} if c in capped else {}) for c, info in aggregator.clients.items()]
-    if not contributions:
+    if not contributions and not (config.dp and sampled):
         return None
-    new = aggregator.result()
+    new = aggregator.result()  # under sampled DP a round without an accepted update is the noise alone
     metrics = _mean_metrics([c["metrics"] for c in contributions])
     metadata = {"contributions": contributions, "refused": refused, "metrics": metrics}
     try:

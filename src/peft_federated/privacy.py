@@ -222,14 +222,18 @@ def published_metadata(config: "FederatedLoraConfig", round: int, metadata: dict
                        participation_public: bool) -> dict[str, Any]:
     """What a round's federation.json says: under DP, the epsilon spent so far (`dp`), no per-client
     number (sample counts, norms, metrics, hashes of clean updates) and no client's mean metrics;
-    client ids only where participation is public anyway (`participation_public`: the Hub roles,
-    where every registered client takes part each round), since in a sampled federation who took
-    part is part of what sampling keeps secret. Without DP, `metadata` unchanged."""
+    client ids (of contributions and refusals) only where participation is public anyway
+    (`participation_public`: the Hub roles, where every registered client takes part each round),
+    since in a sampled federation who took part is part of what sampling keeps secret; there the
+    refusals are only counted (`refused_count`; their reasons are logged). Without DP, `metadata`
+    unchanged."""
     if not config.dp:
         return metadata
     out = dict(metadata)
     contributions = metadata.get("contributions", [])
     out["contributions"] = [{"client_id": c["client_id"]} for c in contributions] if participation_public else []
+    if not participation_public and "refused" in metadata:  # a refused client was sampled too: counted, not named
+        out["refused"], out["refused_count"] = [], len(metadata["refused"])
     out["metrics"] = {k: v for k, v in metadata.get("metrics", {}).items() if not k.startswith("clients_mean_")}
     out["dp"] = PrivacyPlan.of(config).record(round)
     return out

@@ -7,7 +7,9 @@ aggregator does, with nothing re-implemented: registered clients, size limits, t
 ranks, dtypes, finite values), `max_update_norm`, `norm_outlier_factor`, `max_client_share`, and
 whatever `Aggregator` and `aggregate_round` add (DP). A refused reply leaves the round going on:
 its reason is in the round's `refused` metadata (`FederatedLoraStrategy.history`, and federation.json
-when a store publishes), its count in the round's Flower metrics. Flower's own FedAvg checks that every
+when a store publishes; under DP only counted there, the reason logged), its count in the round's
+Flower metrics. Under DP every Flower round publishes a round, one that sampled no client (or
+accepted none) as the noise alone, as `run_simulation` does. Flower's own FedAvg checks that every
 reply holds identical keys, which our payloads do not (HetLoRA's ranks, RoLoRA's single factor), so
 the Strategy methods are implemented here directly.
 
@@ -149,8 +151,9 @@ class FederatedLoraStrategy(Strategy):
                 for node in self._sent]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[Optional[ArrayRecord], MetricRecord]:
-        """`aggregate_round` on the replies: the next global round's arrays (None when no update was
-        accepted: the round is not published and the next Flower round trains it again) and its metrics."""
+        """`aggregate_round` on the replies: the next global round's arrays (without DP, None when no
+        update was accepted: the round is not published and the next Flower round trains it again) and
+        its metrics."""
         got: dict[str, Message] = {}
         for msg in replies:
             client_id = self._sent.get(msg.metadata.src_node_id)
@@ -178,7 +181,8 @@ class FederatedLoraStrategy(Strategy):
         self.history.append(meta)
         for refusal in meta.get("refused", []):
             log(WARNING, "round %d refused %s: %s", self.state.round, refusal["client_id"], refusal["reason"])
-        refused = len(meta.get("refused", []))  # each reply is accepted or refused (under DP contributions are unnamed)
+        # each reply is accepted or refused (under DP neither is named: refusals are counted, and logged by aggregate_round)
+        refused = meta.get("refused_count", len(meta.get("refused", [])))
         metrics.update(round=self.state.round, accepted=len(got) - refused, refused=refused)
         metrics.update({k: v for k, v in meta.get("metrics", {}).items() if isinstance(v, (int, float))})
         return self.arrays(), MetricRecord(metrics)

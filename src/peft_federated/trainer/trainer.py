@@ -30,6 +30,7 @@ Choices, documented:
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import time
 import zlib
@@ -51,6 +52,8 @@ from peft_federated.strategies import ClientRound, get_strategy
 
 if TYPE_CHECKING:
     from peft_federated.config import FederatedLoraConfig
+
+logger = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -343,14 +346,24 @@ class FederatedMixin:
             deadline = time.monotonic() + self.round_timeout
             while (latest := self.store.latest_round()) is None or latest < round:
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"Round {round} was not published within {self.round_timeout:.0f}s; is the aggregator running?")
+                    raise TimeoutError(f"Round {round} was not published within {self.round_timeout:.0f}s; is the aggregator "
+                                       "running? (It publishes no round while it refuses every update: its log says why.)")
                 time.sleep(self.poll_interval)
-            if final:
-                return self.store.read_round(round)[0], False
-            closed = latest > round  # aggregated without this client (e.g. it was down): rejoin at the latest round
-            return None if closed else self.store.read_round(round)[0], closed or self.client_id in self.store.list_updates(round)
+            closed = latest > round and not final  # aggregated without this client (e.g. it was down): rejoin at the latest round
+            if closed:
+                return None, True
+            state, meta = self.store.read_round(round)
+            self._report_refusals(meta)
+            return state, not final and self.client_id in self.store.list_updates(round)
 
         return self._on_main_process(read)
+
+    def _report_refusals(self, meta: dict[str, Any]) -> None:
+        """Warn when a published round says the aggregator refused this client's update, with its reason."""
+        for refusal in meta.get("refused", []):
+            if isinstance(refusal, dict) and refusal.get("client_id") == self.client_id:
+                logger.warning("The aggregator refused %s's update for round %s (it is not in round %s): %s",
+                               self.client_id, meta.get("round", 1) - 1, meta.get("round"), refusal.get("reason"))
 
 
 class FederatedTrainer(FederatedMixin, Trainer):
