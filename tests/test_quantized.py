@@ -127,6 +127,29 @@ def test_8bit_base_change_matches_plain_peft(llama_path, tmp_path):
         torch.testing.assert_close(model.eval()(input_ids=probe).logits, plain.eval()(input_ids=probe).logits, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_effective_weight_of_a_quantized_layer_is_what_it_computes(bits, llama_path):
+    """effective_weight dequantizes the base and adds its base change: each layer's output is x @ W^T (up to
+    LLM.int8's quantization of the input, at 8 bits), and the base change is far above that tolerance."""
+    from peft_federated.adapter import effective_weight
+
+    config = fed_config("fedex")
+    q = four_bit() if bits == 4 else quantization_config(load_in_8bit=True)
+    model = get_peft_model(load_base_model(llama_path, "CAUSAL_LM", quantization=q), config.to_lora_config()).eval()
+    g = torch.Generator().manual_seed(2)
+    state = get_strategy(config).initial_state(model)
+    tensors = {k: torch.randn(v.shape, generator=g) * 0.1 for k, v in state.tensors.items()}
+    delta = {m: LowRank(torch.randn(layer.out_features, 2, generator=g) * 0.3, torch.randn(2, layer.in_features, generator=g) * 0.3)
+             for m, layer in lora_layers(model).items()}
+    get_strategy(config).prepare_client(model, GlobalState(1, tensors, delta), "global").close()
+    tol = 1e-4 if bits == 4 else 1e-2
+    for name, layer in lora_layers(model).items():
+        x = torch.randn(3, layer.in_features, generator=g)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x).double(), x.double() @ effective_weight(model, name).T, rtol=tol, atol=tol)
+        assert (x.double() @ (delta[name].U.double() @ delta[name].V.double()).T).abs().max() * config.scaling > 10 * tol
+
+
 def test_float_base_still_takes_the_change_in_place(llama_path):
     """A full-precision base keeps today's path (the change copied into W0), no hook."""
     config = fed_config("fedex")

@@ -154,12 +154,18 @@ class LowRankTerm:
 
 
 def effective_weight(model: PeftModel, module: str) -> Tensor:
-    """W_base + scale * B @ A of one module, as d_out x d_in in float64 (for checks and tests)."""
+    """W_base + scale * B @ A of one module, as d_out x d_in in float64 (for checks and tests). A
+    quantized base (bitsandbytes 4- or 8-bit) is dequantized as PEFT dequantizes it, with its base
+    change (a `LowRankTerm`) added."""
+    from peft.utils.integrations import dequantize_module_weight
+
     layer = lora_layers(model)[module]
     name = _adapter(layer)
-    base = transpose(layer.get_base_layer().weight.detach().double(), layer.fan_in_fan_out)
+    base = transpose(dequantize_module_weight(layer.get_base_layer()).detach().double(), layer.fan_in_fan_out).cpu()
+    if (term := model.__dict__.get("_federated_base_terms", {}).get(module)) is not None:
+        base = base + term.scale * (term.U.double() @ term.V.double()).cpu()
     A, B = layer.lora_A[name].weight.detach().double(), layer.lora_B[name].weight.detach().double()
-    return base.cpu() + layer.scaling[name] * (B @ A).cpu()
+    return base + layer.scaling[name] * (B @ A).cpu()
 
 
 def set_factor_trainable(model: PeftModel, trainable: tuple[str, ...]) -> None:
