@@ -121,6 +121,7 @@ def test_round_trip_of_published_rounds_and_history(fed, tmp_path):
     store, cfg = fed.store, fed.cfg
     state0 = get_strategy(cfg).initial_state(fed.model)
     assert store.latest_round() == 0
+    assert store.federation == (str(store.root.resolve()) if isinstance(store, LocalStore) else REPO)  # the repo id, not the endpoint
     assert_states_equal(store.read_round(0)[0], state0)
     new = get_strategy(cfg).aggregate(state0, [("alice", random_payload(cfg, state0, fed.model, "alice", 1), 3)])
     store.publish_round(new, cfg, {"contributions": [], "metrics": {"loss": 0.5}})

@@ -303,6 +303,18 @@ def test_personal_tensors_that_do_not_fit_are_refused_with_the_reason(tmp_path):
     (alice / "round-0001" / "personal.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}......")
     with pytest.raises(PersonalTensorsError, match="not a readable safetensors file.*Delete"):
         fresh_trainer(tmp_path, cfg, "alice", 0).train_round(GlobalState(1, state0.tensors))
+    # the same client, strategy and shapes, but saved from another federation's store
+    write_personal(alice, 1, tensors, s, "alice", federation=str((tmp_path / "federation-a").resolve()))
+
+    def in_store(name):
+        return FederatedTrainer(model=tiny_bert(cfg), args=tiny_args(tmp_path / "alice"), train_dataset=token_dataset(30, 0),
+                                federated_config=cfg, client_id="alice", store=LocalStore(tmp_path / name))
+
+    with pytest.raises(PersonalTensorsError, match="of the federation '.*federation-a', not of '.*federation-b': give this "
+                                                   "federation its own personal_dir"):
+        in_store("federation-b").train_round(GlobalState(1, state0.tensors))
+    in_store("federation-a").train_round(GlobalState(1, state0.tensors))  # its own store: taken
+    assert read_snapshot(alice, 2)[1]["federation"] == str((tmp_path / "federation-a").resolve())
     small = tiny_bert(FederatedLoraConfig(strategy="fedsa", r=2, lora_alpha=4, task_type="SEQ_CLS",
                                           target_modules=["query", "value", "intermediate.dense"]))
     with pytest.raises(PersonalTensorsError, match="load a round of the same federation"):
@@ -376,6 +388,7 @@ def test_the_client_role_keeps_its_part_in_its_output_folder_across_a_restart(tm
         assert_equal(personal_of(mine[1][0], keys), personal_of(mine[0][1], keys), f"{client} restarted: its saved part")
         assert snapshot_rounds(folder) == [1, 2]
         assert_equal(read_snapshot(folder, 2)[0], personal_of(mine[1][1], keys), f"{client}: its last part")
+        assert read_snapshot(folder, 2)[1]["federation"] == str(root.resolve())  # the store it belongs to
     for path in (root / "updates").rglob("update.safetensors"):
         with safe_open(str(path), "pt") as f:
             assert not any("lora_B" in k or "classifier" in k for k in f.keys()), path

@@ -5,7 +5,7 @@ FedSA-LoRA's lora_B and classification head). Each client keeps its own, in its 
 an upload; the published rounds hold only the shared part. On disk, one folder per client:
 
     <personal_dir>/<client id>/round-NNNN/personal.safetensors   PEFT's adapter keys (lora_B of each module, the head)
-                                         /personal.json          client id, strategy, round NNNN
+                                         /personal.json          client id, strategy, round NNNN, federation
 
 `round-NNNN` holds the tensors the client starts round NNNN with, i.e. those it ended round NNNN - 1
 with: together with the published round NNNN (or a later one, if it missed rounds) they make its
@@ -16,8 +16,9 @@ tensors. A client without any (its first round, or it joins late) starts from th
 values: B = 0 and round 0's head, i.e. the shared model.
 
 A client folder belongs to one federation: give a new federation a new output folder (or
-`personal_dir`). Tensors that do not fit the federation (other keys, shapes or dtypes, another client
-or strategy) are refused with the reason, never loaded.
+`personal_dir`). Tensors that do not fit the federation (other keys, shapes or dtypes, another client,
+strategy or store: `RoundStore.federation`, a Hub repo id or a local store's path, where the trainer
+has a store) are refused with the reason, never loaded.
 
 Load a personalized model with plain PEFT and `load_personal`:
 
@@ -117,10 +118,11 @@ def check_personal(tensors: dict[str, Tensor], state: "GlobalState", strategy: "
             raise PersonalTensorsError(f"{source}: {key} holds NaN or Inf values; delete that folder.")
 
 
-def read_personal(folder: str | os.PathLike, state: "GlobalState", strategy: "Strategy",
-                  client_id: str) -> tuple[Optional[int], Optional[dict[str, Tensor]]]:
+def read_personal(folder: str | os.PathLike, state: "GlobalState", strategy: "Strategy", client_id: str,
+                  federation: Optional[str] = None) -> tuple[Optional[int], Optional[dict[str, Tensor]]]:
     """(round, tensors) of the latest snapshot a client can start `state.round` from (the latest at most
-    `state.round`), checked against the federation; (None, None) when there is none."""
+    `state.round`), checked against the federation (`federation`: its store's, where both sides know
+    it); (None, None) when there is none."""
     round = latest_snapshot(folder, state.round)
     if round is None:
         return None, None
@@ -130,15 +132,20 @@ def read_personal(folder: str | os.PathLike, state: "GlobalState", strategy: "St
         raise PersonalTensorsError(f"{source} holds the personal tensors of client {meta.get('client_id')!r} under "
                                    f"{meta.get('strategy')!r}, not of {client_id!r} under {strategy.name!r}: give each "
                                    "client and federation its own personal_dir.")
+    if federation is not None and meta.get("federation") not in (None, federation):
+        raise PersonalTensorsError(f"{source} holds personal tensors of the federation {meta['federation']!r}, not of "
+                                   f"{federation!r}: give this federation its own personal_dir (or output folder), or "
+                                   "delete that folder.")
     check_personal(tensors, state, strategy, source)
     return round, tensors
 
 
 def write_personal(folder: str | os.PathLike, round: int, tensors: dict[str, Tensor], strategy: "Strategy",
-                   client_id: str, keep_from: Optional[int] = None) -> Path:
+                   client_id: str, keep_from: Optional[int] = None, federation: Optional[str] = None) -> Path:
     """Write a client's personal tensors as the snapshot it starts `round` with (atomically), then remove
     the snapshots before `keep_from` (the one this round started from: kept, for a restart before the
-    update is submitted) and any after `round` (another federation's). Returns the snapshot's folder."""
+    update is submitted) and any after `round` (another federation's). `federation`: the store's
+    (`RoundStore.federation`), recorded. Returns the snapshot's folder."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     target = _snapshot(folder, round)
@@ -146,7 +153,7 @@ def write_personal(folder: str | os.PathLike, round: int, tensors: dict[str, Ten
     try:
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS), metadata={"format": "pt"})
         meta = {"format_version": FORMAT_VERSION, "client_id": client_id, "strategy": strategy.name, "round": round,
-                "trained_round": round - 1, "keys": sorted(tensors)}
+                "trained_round": round - 1, "keys": sorted(tensors), "federation": federation}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         if target.exists():  # this round trained again (a restart before its update was submitted)
             shutil.rmtree(target)

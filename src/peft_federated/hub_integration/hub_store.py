@@ -171,6 +171,10 @@ class HubStore(RoundStore):
     def __repr__(self) -> str:
         return f"HubStore({self.repo_id!r}, endpoint={self.endpoint!r})"
 
+    @property
+    def federation(self) -> str:
+        return self.repo_id  # not the endpoint: the same repo may be reached through another address
+
     def update_repo(self, client_id: str) -> str:
         """The repo a client's updates go to."""
         return self.client_repos.get(check_client_id(client_id)) or f"{self.repo_id}-updates-{client_id}"

@@ -174,6 +174,12 @@ class RoundStore(ABC):
         """A local folder holding a published round's files (adapter_config.json, federation.json, ...)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose round folders.")
 
+    @property
+    def federation(self) -> Optional[str]:
+        """Which federation this store holds, as a client's personal tensors record it (a local store's
+        absolute path, a Hub repo id), or None where the store cannot say."""
+        return None
+
 
 class LocalStore(RoundStore):
     """Rounds and updates in a local folder, with the Hub's layout (see the module docstring)."""
@@ -186,6 +192,10 @@ class LocalStore(RoundStore):
 
     def __repr__(self) -> str:
         return f"LocalStore({str(self.root)!r})"
+
+    @property
+    def federation(self) -> str:
+        return str(self.root.resolve())
 
     def round_path(self, round: int) -> Path:
         return self.root / "rounds" / round_name(round)

@@ -124,7 +124,12 @@ class FederatedMixin:
         if not self.strategy.personalized:
             return None, None
         folder = client_folder(self.personal_dir, client_id)
-        return self._on_main_process(lambda: read_personal(folder, state, self.strategy, client_id))
+        return self._on_main_process(lambda: read_personal(folder, state, self.strategy, client_id, self._federation))
+
+    @property
+    def _federation(self) -> Optional[str]:
+        """The store's federation (`RoundStore.federation`), which personal tensors record and are checked against."""
+        return self.store.federation if self.store is not None else None
 
     # ---- one round --------------------------------------------------------------------------------
     def train_round(self, state: GlobalState) -> tuple[dict[str, torch.Tensor], int, dict[str, float]]:
@@ -147,7 +152,7 @@ class FederatedMixin:
         payload = self.client_round.payload()
         if self.strategy.personalized and self.is_world_process_zero():  # kept here, before anything is submitted
             write_personal(client_folder(self.personal_dir, self.client_id), state.round + 1, self.client_round.personal(),
-                           self.strategy, self.client_id, keep_from=started_from)
+                           self.strategy, self.client_id, keep_from=started_from, federation=self._federation)
         if cfg.dp and cfg.dp_mode == "client":  # clipped and noised before it leaves the client
             start = self.strategy.client_start(state, self.client_id, self.client_round.rank)
             payload = privacy.privatize_update(payload, start, cfg, state.round, self.client_id)
