@@ -240,7 +240,8 @@ def _rolora_claim(summary: list[dict], clients: int, metric: str, measure: str) 
 
 # Each paper's claim in the comparison: (settings, method, against, metric, kind, the claim in words), judged
 # in each setting named. kind "above": the method beats the other by more than the seed spread; "close": within
-# 0.01 (within the spread only: within noise). FedEx-LoRA, FLoRA and LoRA-FAIR measure mostly near-IID clients: their claims at alpha 1.0 too.
+# 0.01 (within the spread only: within noise). FedEx-LoRA, FLoRA and LoRA-FAIR measure mostly near-IID
+# clients: their claims are judged at alpha 1.0 too.
 _CLAIMS = [
     (("many_clients",), "rolora", "fedit", "accuracy", "above", "RoLoRA beats FedIT with many skewed clients at rank 2"),
     (("many_clients",), "rolora", "ffa", "accuracy", "above", "RoLoRA beats FFA-LoRA with many skewed clients at rank 2"),

@@ -358,17 +358,17 @@ class FederatedMixin:
             if closed:
                 return None, True
             state, meta = self.store.read_round(round)
-            self._report_refusals(meta)
+            self._report_refusals(meta, round)
             return state, not final and self.client_id in self.store.list_updates(round)
 
         return self._on_main_process(read)
 
-    def _report_refusals(self, meta: dict[str, Any]) -> None:
-        """Warn when a published round says the aggregator refused this client's update, with its reason."""
+    def _report_refusals(self, meta: dict[str, Any], round: int) -> None:
+        """Warn when published round `round` says the aggregator refused this client's update, with its reason."""
         for refusal in meta.get("refused", []):
             if isinstance(refusal, dict) and refusal.get("client_id") == self.client_id:
-                logger.warning("The aggregator refused %s's update for round %s (it is not in round %s): %s",
-                               self.client_id, meta.get("round", 1) - 1, meta.get("round"), refusal.get("reason"))
+                logger.warning("The aggregator refused %s's update for round %d (it is not in round %d): %s",
+                               self.client_id, round - 1, round, refusal.get("reason"))
 
 
 class FederatedTrainer(FederatedMixin, Trainer):
